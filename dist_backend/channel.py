@@ -1,0 +1,191 @@
+"""Authenticated, framed TCP channel between the host and each rank.
+
+Why our own and not `multiprocessing.connection`: its `recv()` unpickles, its handshake blocks forever on a silent
+peer, and it has no deadlines. Here every read has a deadline, the peer must prove the per-session secret with an
+HMAC challenge before a single byte it sends is decoded, and frames are decoded by `protocol` (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import select
+import socket
+import struct
+import time
+
+from .errors import ProtocolError
+
+_LEN = struct.Struct("<Q")
+NONCE_BYTES = 32
+MAX_FRAME_BYTES = 8 * 1024**3  # 8 GiB: far above any latent/image batch, but bounds what a peer can make us allocate
+_HELLO = b"DISTDIFF-HELLO-1"
+
+
+class ChannelClosed(ProtocolError):
+    """The peer closed the connection (or died)."""
+
+
+class ChannelTimeout(ProtocolError, TimeoutError):
+    """No complete frame arrived before the deadline."""
+
+
+def new_secret() -> bytes:
+    return os.urandom(32)
+
+
+def _mac(secret: bytes, nonce: bytes, role: bytes) -> bytes:
+    return hmac.new(secret, role + nonce, hashlib.sha256).digest()
+
+
+class Channel:
+    """One connected socket carrying length-prefixed frames."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        sock.settimeout(None)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not a TCP socket (e.g. tests with socketpair)
+            pass
+        self.sock = sock
+        self._buf = bytearray()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, frame: bytes) -> None:
+        try:
+            self.sock.sendall(_LEN.pack(len(frame)) + frame if len(frame) < 65536 else _LEN.pack(len(frame)))
+            if len(frame) >= 65536:
+                self.sock.sendall(frame)
+        except OSError as exc:
+            raise ChannelClosed(f"send failed: {exc}") from None
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """True when at least part of a frame (or EOF) is readable now or within `timeout` seconds."""
+        if self._buf:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        return bool(readable)
+
+    def recv(self, *, timeout: float | None) -> bytes:
+        """The next whole frame. `timeout` None waits forever (only for a rank idling between calls)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        header = self._read_exact(_LEN.size, deadline)
+        (length,) = _LEN.unpack(header)
+        if length > MAX_FRAME_BYTES:
+            raise ProtocolError(f"peer announced a {length}-byte frame, over the {MAX_FRAME_BYTES}-byte limit")
+        return self._read_exact(length, deadline)
+
+    def _read_exact(self, n: int, deadline: float | None) -> bytes:
+        out = bytearray(n)
+        view = memoryview(out)
+        got = 0
+        while got < n:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+                    raise ChannelTimeout(f"no complete frame within the deadline ({got}/{n} bytes read)")
+            try:
+                k = self.sock.recv_into(view[got:], min(n - got, 1 << 24))
+            except OSError as exc:
+                raise ChannelClosed(f"receive failed: {exc}") from None
+            if k == 0:
+                raise ChannelClosed("peer closed the connection")
+            got += k
+        return bytes(out) if n < 65536 else out  # bytearray for big frames: no extra copy
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _recv_exact_raw(sock: socket.socket, n: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ChannelTimeout("handshake timed out")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(n - len(data))
+        except socket.timeout:
+            raise ChannelTimeout("handshake timed out") from None
+        except OSError as exc:
+            raise ChannelClosed(f"handshake failed: {exc}") from None
+        if not chunk:
+            raise ChannelClosed("peer closed the connection during the handshake")
+        data += chunk
+    return data
+
+
+def server_handshake(sock: socket.socket, secret: bytes, *, timeout: float) -> Channel:
+    """Host side: challenge the peer; it must answer with HMAC(secret) before anything else is read.
+    Then prove ourselves to the peer (mutual), so a rank never talks to an impostor host."""
+    deadline = time.monotonic() + timeout
+    nonce = os.urandom(NONCE_BYTES)
+    try:
+        sock.sendall(_HELLO + nonce)
+    except OSError as exc:
+        raise ChannelClosed(f"handshake failed: {exc}") from None
+    answer = _recv_exact_raw(sock, 32 + NONCE_BYTES, deadline)
+    if not hmac.compare_digest(answer[:32], _mac(secret, nonce, b"rank")):
+        raise ProtocolError("peer failed the session-secret challenge")
+    try:
+        sock.sendall(_mac(secret, answer[32:], b"host"))
+    except OSError as exc:
+        raise ChannelClosed(f"handshake failed: {exc}") from None
+    sock.settimeout(None)
+    return Channel(sock)
+
+
+def client_connect(host: str, port: int, secret: bytes, *, timeout: float) -> Channel:
+    """Rank side: connect, answer the host's challenge, check the host's answer to ours."""
+    deadline = time.monotonic() + timeout
+    sock = socket.create_connection((host, port), timeout=timeout)
+    hello = _recv_exact_raw(sock, len(_HELLO) + NONCE_BYTES, deadline)
+    if hello[: len(_HELLO)] != _HELLO:
+        sock.close()
+        raise ProtocolError("host did not speak the DistDiff handshake")
+    my_nonce = os.urandom(NONCE_BYTES)
+    sock.sendall(_mac(secret, hello[len(_HELLO):], b"rank") + my_nonce)
+    proof = _recv_exact_raw(sock, 32, deadline)
+    if not hmac.compare_digest(proof, _mac(secret, my_nonce, b"host")):
+        sock.close()
+        raise ProtocolError("host failed the session-secret challenge")
+    sock.settimeout(None)
+    return Channel(sock)
+
+
+class Listener:
+    """Host-side listening socket. Accepts only peers that pass the handshake; others are dropped and counted."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(64)
+        self.address = self.sock.getsockname()[:2]
+        self.rejected = 0
+
+    def accept(self, secret: bytes, *, timeout: float, handshake_timeout: float = 5.0) -> Channel:
+        """Next authenticated peer. Raises ChannelTimeout when none arrives before `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+                raise ChannelTimeout("no rank connected before the deadline")
+            conn, _ = self.sock.accept()
+            try:
+                return server_handshake(conn, secret, timeout=min(handshake_timeout, max(0.1, remaining)))
+            except ProtocolError:
+                self.rejected += 1
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,201 @@
+"""The one frozen, validated configuration of a sidecar. Invalid combinations raise ConfigError here, before any
+process starts, with the arithmetic in the message."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+
+class Device(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DType(str, enum.Enum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Offload(str, enum.Enum):
+    RESIDENT = "resident"  # every component stays loaded between calls
+    STAGED = "staged"  # text encoders freed after encode, transformer after denoise (the guide's staged load/free)
+
+
+class DeviceMapPolicy(str, enum.Enum):
+    NONE = "none"  # each component whole on the rank's first device
+    BALANCED = "balanced"  # components spread over the rank's GPUs; transformer split by accelerate ("auto")
+    AUTO = "auto"  # like balanced, but fill GPUs in order
+
+
+def _enum(cls: type[enum.Enum], value: Any, name: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionConfig:
+    """Everything that decides which rank processes exist and how they hold the model.
+    Two equal configs share one sidecar; a different config replaces it."""
+
+    world_size: int = 1
+    """Number of rank processes."""
+    dp: int = 0
+    """Data-parallel degree: independent groups that split images between them. 0 = world_size / (ring × ulysses)."""
+    ring: int = 1
+    """Ring-attention degree inside each data-parallel group (diffusers ContextParallelConfig.ring_degree)."""
+    ulysses: int = 1
+    """Ulysses-attention degree inside each data-parallel group (ContextParallelConfig.ulysses_degree)."""
+    gpus_per_rank: int = 1
+    """GPUs owned by each rank; >1 shards components over them with device_map (CUDA only)."""
+    device: Device = Device.CPU
+    """"cuda" (NCCL between ranks) or "cpu" (gloo)."""
+    gpu_ids: tuple[int, ...] = ()
+    """CUDA device indices to use, in rank order; empty = 0 .. world_size × gpus_per_rank − 1."""
+    device_map: DeviceMapPolicy = DeviceMapPolicy.NONE
+    """How components are placed over a rank's GPUs when gpus_per_rank > 1."""
+    max_memory: str = ""
+    """Per-GPU budget for device_map placement, e.g. "0=16GB,1=16GB" (local GPU index within the rank)."""
+    dtype: DType = DType.FLOAT32
+    """Weights and compute dtype."""
+    attention_backend: str = ""
+    """diffusers attention backend name ("" = native SDPA; e.g. "flash", "_native_cudnn" on CUDA)."""
+    offload: Offload = Offload.RESIDENT
+    """Keep every component resident, or free them stage by stage."""
+    threads_per_rank: int = 0
+    """torch CPU threads per rank; 0 = cores / world_size (at least 1)."""
+    host: str = "127.0.0.1"
+    """Address the host's control channel binds to; keep loopback unless ranks run on other machines."""
+    start_timeout_s: float = 120.0
+    """Deadline for every rank to start, join the process group and report ready."""
+    call_timeout_s: float = 3600.0
+    """Deadline for one whole call (load, encode, denoise or decode)."""
+    heartbeat_timeout_s: float = 120.0
+    """Longest silence allowed from a rank inside a call (a denoise step, a component load) before it counts as hung."""
+    env: tuple[tuple[str, str], ...] = field(default=())
+    """Extra environment variables for the rank processes."""
+
+    def __post_init__(self) -> None:
+        for name, cls in (("device", Device), ("dtype", DType), ("offload", Offload), ("device_map", DeviceMapPolicy)):
+            object.__setattr__(self, name, _enum(cls, getattr(self, name), name))
+        object.__setattr__(self, "gpu_ids", tuple(int(g) for g in self.gpu_ids))
+        object.__setattr__(self, "env", tuple((str(k), str(v)) for k, v in self.env))
+        for name in ("world_size", "ring", "ulysses", "gpus_per_rank"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if type(self.dp) is not int or self.dp < 0:
+            raise ConfigError(f"dp must be an integer ≥ 0 (0 = derive from world_size), got {self.dp!r}")
+        cp = self.ring * self.ulysses
+        if self.dp == 0:
+            if self.world_size % cp:
+                raise ConfigError(
+                    f"world_size ({self.world_size}) is not divisible by ring ({self.ring}) × ulysses "
+                    f"({self.ulysses}) = {cp}; pick degrees whose product divides the number of ranks"
+                )
+            object.__setattr__(self, "dp", self.world_size // cp)
+        if self.dp * cp != self.world_size:
+            raise ConfigError(
+                f"dp ({self.dp}) × ring ({self.ring}) × ulysses ({self.ulysses}) = {self.dp * cp}, "
+                f"but world_size is {self.world_size}; make the product equal the number of ranks"
+            )
+        if self.device is Device.CPU:
+            if self.gpus_per_rank != 1:
+                raise ConfigError(f"gpus_per_rank={self.gpus_per_rank} needs device='cuda'; on CPU each rank is one process")
+            if self.gpu_ids:
+                raise ConfigError(f"gpu_ids={list(self.gpu_ids)} needs device='cuda'")
+            if self.dtype is DType.FLOAT16:
+                raise ConfigError("dtype='float16' is not supported on device='cpu' (slow or missing CPU kernels); "
+                                  "use 'bfloat16' or 'float32'")
+        else:
+            need = self.world_size * self.gpus_per_rank
+            if self.gpu_ids and len(self.gpu_ids) != need:
+                raise ConfigError(
+                    f"world_size ({self.world_size}) × gpus_per_rank ({self.gpus_per_rank}) = {need} GPUs, "
+                    f"but gpu_ids lists {len(self.gpu_ids)}: {list(self.gpu_ids)}"
+                )
+            if len(set(self.gpu_ids)) != len(self.gpu_ids):
+                raise ConfigError(f"gpu_ids has duplicates: {list(self.gpu_ids)}; NCCL needs one GPU per rank")
+        if self.gpus_per_rank > 1 and cp > 1:
+            raise ConfigError(
+                f"gpus_per_rank={self.gpus_per_rank} with ring × ulysses = {cp}: context parallelism needs each rank's "
+                "transformer on one GPU. Use gpus_per_rank=1 for CP, or ring=ulysses=1 to shard with device_map"
+            )
+        if self.max_memory and self.gpus_per_rank == 1 and self.device_map is DeviceMapPolicy.NONE:
+            raise ConfigError("max_memory is only used with device_map='balanced' or 'auto'; set device_map too")
+        for name in ("start_timeout_s", "call_timeout_s", "heartbeat_timeout_s"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
+        if self.threads_per_rank < 0:
+            raise ConfigError(f"threads_per_rank must be ≥ 0 (0 = automatic), got {self.threads_per_rank}")
+
+    # -- derived --------------------------------------------------------------------------------------------
+    @property
+    def cp_degree(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def strategy(self) -> str:
+        """Human-readable name, e.g. "dp2×ulysses2"."""
+        parts = [f"{n}{d}" for n, d in (("dp", self.dp), ("ring", self.ring), ("ulysses", self.ulysses)) if d > 1]
+        if self.gpus_per_rank > 1:
+            parts.append(f"device_map{self.gpus_per_rank}")
+        return "×".join(parts) or "single"
+
+    def rank_gpus(self, rank: int) -> tuple[int, ...]:
+        """CUDA indices owned by `rank` (empty on CPU)."""
+        if self.device is Device.CPU:
+            return ()
+        ids = self.gpu_ids or tuple(range(self.world_size * self.gpus_per_rank))
+        return ids[rank * self.gpus_per_rank:(rank + 1) * self.gpus_per_rank]
+
+    def rank_threads(self) -> int:
+        if self.threads_per_rank:
+            return self.threads_per_rank
+        return max(1, (os.cpu_count() or 1) // self.world_size)
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, enum.Enum):
+                data[key] = value.value
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SessionConfig":
+        data = json.loads(text)
+        data["gpu_ids"] = tuple(data.get("gpu_ids", ()))
+        data["env"] = tuple(tuple(kv) for kv in data.get("env", ()))
+        return cls(**data)
+
+
+def check_devices(config: SessionConfig) -> None:
+    """Checks that need the machine (not just the numbers): enough CUDA devices. Raises before any rank starts."""
+    if config.device is not Device.CUDA:
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    need = config.world_size * config.gpus_per_rank
+    ids = config.gpu_ids or tuple(range(need))
+    if count == 0:
+        raise ConfigError("device='cuda' but this machine has no usable CUDA device; use device='cpu'")
+    if max(ids) >= count:
+        raise ConfigError(
+            f"world_size ({config.world_size}) × gpus_per_rank ({config.gpus_per_rank}) = {need} GPUs "
+            f"(ids {list(ids)}), but this machine has {count}; lower world_size or gpus_per_rank"
+        )
+    if config.dtype is DType.BFLOAT16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError("dtype='bfloat16' is not supported by this GPU; use 'float16' or 'float32'")

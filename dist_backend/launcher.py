@@ -1,0 +1,173 @@
+"""Start and stop the rank processes (host side).
+
+Ranks start as `python -m dist_backend.worker` with the package's parent folder on PYTHONPATH: ComfyUI imports
+this pack under a path-derived module name, so nothing of ours could be unpickled in a multiprocessing child.
+The session secret travels in the child's environment (readable only by the same user), never on a command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .channel import Channel, ChannelTimeout, Listener, new_secret
+from .config import SessionConfig
+from .errors import RankDied, RankTimeout
+from . import protocol
+
+log = logging.getLogger(__name__)
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass
+class RankProcess:
+    rank: int
+    popen: subprocess.Popen
+    log_path: Path
+    channel: Channel | None = None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class Launched:
+    processes: list[RankProcess]
+    listener: Listener
+    log_dir: Path
+    started_s: float = field(default=0.0)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def launch(config: SessionConfig) -> Launched:
+    """Start every rank and wait until all are connected, authenticated and in the process group."""
+    from .worker import (ENV_CONFIG, ENV_HOST_ADDR, ENV_HOST_PORT, ENV_MASTER_PORT, ENV_PARENT_PID, ENV_RANK,
+                         ENV_SECRET)
+
+    t0 = time.monotonic()
+    secret = new_secret()
+    listener = Listener(config.host, 0)
+    log_dir = Path(tempfile.mkdtemp(prefix="distdiff-ranks-"))
+    master_port = _free_port(config.host)
+    base_env = dict(os.environ)
+    base_env.update(dict(config.env))
+    base_env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, base_env.get("PYTHONPATH", "")) if p)
+    base_env.update({
+        ENV_SECRET: secret.hex(),
+        ENV_CONFIG: config.to_json(),
+        ENV_HOST_ADDR: listener.address[0],
+        ENV_HOST_PORT: str(listener.address[1]),
+        ENV_MASTER_PORT: str(master_port),
+        ENV_PARENT_PID: str(os.getpid()),
+        "PYTHONUNBUFFERED": "1",
+        # One process per rank already: keep each rank's own thread pools to its share of the cores.
+        "OMP_NUM_THREADS": str(config.rank_threads()),
+    })
+    processes: list[RankProcess] = []
+    launched = Launched(processes=processes, listener=listener, log_dir=log_dir)
+    try:
+        for rank in range(config.world_size):
+            env = dict(base_env, **{ENV_RANK: str(rank)})
+            log_path = log_dir / f"rank{rank}.log"
+            with open(log_path, "wb") as log_file:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "dist_backend.worker"],
+                    env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    cwd=PACKAGE_PARENT, start_new_session=True,  # our own group: we signal it, a terminal's ^C doesn't
+                )
+            processes.append(RankProcess(rank=rank, popen=popen, log_path=log_path))
+        _handshake(launched, secret, config)
+    except BaseException:
+        stop(launched, grace_s=2.0)
+        raise
+    del secret
+    launched.started_s = time.monotonic() - t0
+    return launched
+
+
+def _handshake(launched: Launched, secret: bytes, config: SessionConfig) -> None:
+    deadline = time.monotonic() + config.start_timeout_s
+    by_rank = {p.rank: p for p in launched.processes}
+    pending = set(by_rank)
+    while pending:
+        _check_alive(launched.processes, phase="start")
+        try:
+            channel = launched.listener.accept(secret, timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+        except ChannelTimeout:
+            if time.monotonic() > deadline:
+                raise RankTimeout(rank=min(pending), phase="start (connect)", seconds=config.start_timeout_s,
+                                  setting="start_timeout_s") from None
+            continue
+        hello = protocol.decode(channel.recv(timeout=5.0))
+        rank = hello.get("rank") if isinstance(hello, dict) else None
+        if hello.get("event") != "hello" or rank not in pending:
+            channel.close()
+            continue
+        by_rank[rank].channel = channel
+        pending.discard(rank)
+    # Every rank now joins the process group and reports ready.
+    for proc in launched.processes:
+        while True:
+            _check_alive(launched.processes, phase="start (process group)")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RankTimeout(rank=proc.rank, phase="start (process group)", seconds=config.start_timeout_s,
+                                  setting="start_timeout_s")
+            if proc.channel.poll(min(0.2, remaining)):
+                message = protocol.decode(proc.channel.recv(timeout=remaining))
+                if message.get("event") == "ready":
+                    break
+
+
+def _check_alive(processes: list[RankProcess], *, phase: str) -> None:
+    for proc in processes:
+        code = proc.popen.poll()
+        if code is not None:
+            raise RankDied(rank=proc.rank, phase=phase, returncode=code,
+                           detail=f"its log ({proc.log_path}) ends with:\n{proc.log_tail()}")
+
+
+def stop(launched: Launched, *, grace_s: float = 5.0) -> None:
+    """Stop every rank: close channels (ranks exit on EOF), then SIGTERM, then SIGKILL; reap all."""
+    for proc in launched.processes:
+        if proc.channel is not None:
+            proc.channel.close()
+            proc.channel = None
+    _wait_all(launched.processes, grace_s)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in launched.processes if p.popen.poll() is None]
+        if not alive:
+            break
+        for proc in alive:
+            try:
+                os.killpg(proc.popen.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _wait_all(alive, grace_s if sig == signal.SIGTERM else 10.0)
+    launched.listener.close()
+
+
+def _wait_all(processes: list[RankProcess], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for proc in processes:
+        try:
+            proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass

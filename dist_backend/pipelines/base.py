@@ -1,0 +1,89 @@
+"""What the engine needs from a pipeline family. One adapter per family (flux, qwenimage, wan) hides the
+differences between diffusers pipelines: how prompts become embeddings, how one image is denoised from a seed,
+how latents are packed, and how the VAE turns latents into pixels.
+
+All tensors returned by an adapter are CPU tensors (they cross process boundaries and ComfyUI caches them).
+The adapter never touches torch.distributed: the engine decides who runs what.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# Called by the adapter after every denoise step with (steps_done, total_steps). It may raise
+# dist_backend.errors.Cancelled to abort the denoise loop.
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRequest:
+    """One image (or one video) to make: the unit of data parallelism and of the seed contract."""
+
+    seed: int
+    """The generator seed for this image: torch.Generator("cpu").manual_seed(seed) draws its initial noise."""
+    steps: int
+    """Number of denoise steps."""
+    guidance: float
+    """The family's guidance knob (Flux: embedded guidance_scale; Qwen-Image: true_cfg_scale; Wan: guidance_scale)."""
+    height: int
+    """Output height in pixels."""
+    width: int
+    """Output width in pixels."""
+    num_frames: int = 1
+    """Frames for a video family; 1 for image families."""
+
+
+class FamilyAdapter(abc.ABC):
+    """Family-specific glue around a loaded diffusers pipeline."""
+
+    name: str  # "flux" | "qwenimage" | "wan"
+    pipeline_class_names: tuple[str, ...]  # model_index.json "_class_name" values this adapter accepts
+    is_video: bool = False
+    text_components: tuple[str, ...]  # pipeline attributes used only by encode (freed by staged offload)
+    denoise_components: tuple[str, ...]  # usually ("transformer",)
+    decode_components: tuple[str, ...]  # usually ("vae",)
+
+    @abc.abstractmethod
+    def encode(self, pipe, *, prompt: str, negative_prompt: str | None, device: torch.device) -> dict[str, torch.Tensor]:
+        """Embeddings of one prompt (batch 1) and, when the family uses it, its negative prompt, as a flat dict
+        of CPU tensors. Keys are family-specific (e.g. "prompt_embeds", "pooled_prompt_embeds",
+        "negative_prompt_embeds"); the same dict is passed back to `denoise`."""
+
+    @abc.abstractmethod
+    def denoise(
+        self, pipe, *, cond: dict[str, torch.Tensor], request: ImageRequest, device: torch.device,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Denoise one image from `request.seed`; return the UNPACKED latent as a CPU float32 tensor
+        ([1, C, h, w] for images, [1, C, F, h, w] for video). Must equal `reference` for the same inputs."""
+
+    @abc.abstractmethod
+    def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Unpacked latents [B, C, h, w] (video: [B, C, F, h, w]) -> float32 images in 0..1 on CPU,
+        [B, H, W, 3] (video: [B*F, H, W, 3], frames of each video consecutive)."""
+
+    @abc.abstractmethod
+    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
+        """The plain diffusers call of the seed contract, in this process:
+        pipe(prompt=..., generator=torch.Generator("cpu").manual_seed(request.seed), ..., output_type="latent"),
+        unpacked exactly like `denoise` returns. Used by tests and by users to check results."""
+
+    @abc.abstractmethod
+    def check_size(self, pipe_config: dict, *, height: int, width: int, num_frames: int) -> None:
+        """Raise dist_backend.errors.ConfigError naming the input and the nearest valid value when height/width/
+        num_frames are not what the VAE and patching need. `pipe_config` is read from the model folder's json
+        files (no weights loaded), see `read_model_config`."""
+
+    @abc.abstractmethod
+    def sequence_lengths(self, pipe_config: dict, cond: dict[str, torch.Tensor], *, height: int, width: int,
+                         num_frames: int) -> dict[str, int]:
+        """Lengths of the sequences the transformer's context-parallel plan splits, e.g.
+        {"image": 4096, "text": 512}: used to check divisibility by the CP degree before starting."""
+
+    def uses_attention_mask(self, cond: dict[str, torch.Tensor]) -> bool:
+        """True when the transformer will get a padding mask for these embeddings (Ring would be silently wrong)."""
+        return False

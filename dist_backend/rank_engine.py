@@ -1,0 +1,175 @@
+"""What a rank does for each call. One instance per rank process; the host sends every rank the same op
+(with its own share of the work) and every rank answers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import protocol
+from .config import Offload, SessionConfig
+from .errors import Cancelled, ConfigError
+from .pipelines.base import ImageRequest
+
+log = logging.getLogger(__name__)
+
+
+class RankEngine:
+    def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel) -> None:
+        self.config = config
+        self.rank = rank
+        self.device = device
+        self.channel = channel
+        cp = config.cp_degree
+        self.dp_index, self.cp_rank = divmod(rank, cp)
+        self.is_leader = self.cp_rank == 0  # the rank of its data-parallel group that answers with results
+        self.cp_group = None
+        self.mesh = None
+        if cp > 1:
+            from .strategies.context_parallel import build_mesh
+
+            # NOTE: collectives: every rank builds the same mesh and the same groups, in the same order, at the
+            # same point of start-up (new_group must be called by all ranks for every group).
+            self.mesh = build_mesh(device_type=device.type, dp=config.dp, ring=config.ring, ulysses=config.ulysses)
+            for index in range(config.dp):
+                group = dist.new_group(ranks=list(range(index * cp, (index + 1) * cp)))
+                if index == self.dp_index:
+                    self.cp_group = group
+        self.residency = None
+        self.adapter = None
+        self.model_info: dict[str, Any] | None = None
+        self._call_id = None
+        self._cancel_seen = False
+
+    # -- dispatch ----------------------------------------------------------------------------------------------
+    def handle(self, op: str | None, message: dict) -> Any:
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            raise ConfigError(f"unknown op {op!r}")
+        self._call_id = message.get("id")
+        self._cancel_seen = False
+        return handler(message)
+
+    def op_ping(self, message: dict) -> dict:
+        return {"rank": self.rank, "pid": os.getpid(), "model": self.model_info["model_dir"] if self.model_info else None}
+
+    def op_load(self, message: dict) -> dict:
+        from .pipelines import adapter_for, read_model_config
+        from .residency import Residency
+
+        model_dir = message["model_dir"]
+        info = read_model_config(model_dir)
+        if self.model_info is not None and self.model_info["model_dir"] == model_dir:
+            return {"family": info["family"], "loaded": sorted(self.residency.loaded)}
+        self.close()
+        self.adapter = adapter_for(info["family"])
+        self.model_info = {"model_dir": model_dir, **info}
+        heavy = (*self.adapter.text_components, *self.adapter.denoise_components, *self.adapter.decode_components)
+        self.residency = Residency(
+            model_dir, heavy=heavy, dtype=getattr(torch, self.config.dtype.value), device=self.device,
+            on_loaded=self._on_component_loaded,
+        )
+        if self.config.offload is Offload.RESIDENT:
+            self.residency.ensure(heavy)
+        else:
+            self.residency.ensure(self.adapter.text_components)  # first stage only; the rest loads when needed
+        return {"family": info["family"], "loaded": sorted(self.residency.loaded)}
+
+    def op_encode(self, message: dict) -> dict:
+        self._require_model()
+        prompts = message["prompts"]
+        out = []
+        if prompts:
+            pipe = self.residency.ensure(self.adapter.text_components)
+            with torch.inference_mode():
+                for prompt in prompts:
+                    out.append(self.adapter.encode(pipe, prompt=prompt, negative_prompt=message.get("negative_prompt"),
+                                                   device=self.device))
+        if self.config.offload is Offload.STAGED:
+            self.residency.release(self.adapter.text_components)
+        return {"embeds": out}
+
+    def op_denoise(self, message: dict) -> dict:
+        self._require_model()
+        items = message["items"]
+        cond = message["cond"]
+        total = len(items) * message["steps"]
+        latents = []
+        pipe = self.residency.ensure(self.adapter.denoise_components)
+        try:
+            for index, (key, seed) in enumerate(items):
+                request = ImageRequest(seed=seed, steps=message["steps"], guidance=message["guidance"],
+                                       height=message["height"], width=message["width"],
+                                       num_frames=message.get("num_frames", 1))
+                done_before = index * message["steps"]
+
+                def on_step(done: int, steps: int, _before: int = done_before) -> None:
+                    self._step_boundary(_before + done, total)
+
+                with torch.inference_mode():
+                    latent = self.adapter.denoise(pipe, cond=cond[key], request=request, device=self.device,
+                                                  on_step=on_step)
+                latents.append(latent)
+        finally:
+            if self.config.offload is Offload.STAGED:
+                self.residency.release(self.adapter.denoise_components)
+        return {"latents": latents if self.is_leader else None}
+
+    def op_decode(self, message: dict) -> dict:
+        self._require_model()
+        latents = message["latents"]
+        if latents is None or latents.shape[0] == 0:
+            return {"images": None}
+        pipe = self.residency.ensure(self.adapter.decode_components)
+        with torch.inference_mode():
+            images = self.adapter.decode(pipe, latents=latents, device=self.device)
+        return {"images": images}
+
+    def op_unload(self, message: dict) -> dict:
+        self.close()
+        return {"unloaded": True}
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _require_model(self) -> None:
+        if self.residency is None:
+            raise ConfigError("no model loaded on this sidecar; call load(model_dir) first")
+
+    def _on_component_loaded(self, name: str, module: torch.nn.Module) -> None:
+        if name in self.adapter.denoise_components and self.config.cp_degree > 1:
+            from .strategies.context_parallel import enable_context_parallel
+
+            enable_context_parallel(module, ring=self.config.ring, ulysses=self.config.ulysses, mesh=self.mesh,
+                                    attention_backend=self.config.attention_backend or None)
+
+    def _step_boundary(self, done: int, total: int) -> None:
+        """After every denoise step: report progress, and decide together whether to stop."""
+        if self.is_leader:
+            self.channel.send(protocol.encode({"id": self._call_id, "event": "progress", "done": done, "total": total}))
+        self._drain_cancel()
+        stop = self._cancel_seen
+        if self.cp_group is not None:
+            # NOTE: symmetric: every rank of this CP group reaches this all_reduce once per step, so all of them
+            # leave at the same step (any_rank(cancel_requested)); a rank that raised instead never gets here and
+            # its peers then fail on the process-group timeout, which the host turns into a restart.
+            flag = torch.tensor([1 if stop else 0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cp_group)
+            stop = bool(flag.item())
+        if stop:
+            raise Cancelled(f"cancelled after step {done} of {total}")
+
+    def _drain_cancel(self) -> None:
+        while self.channel.poll(0):
+            message = protocol.decode(self.channel.recv(timeout=self.config.heartbeat_timeout_s))
+            if isinstance(message, dict) and message.get("op") == "cancel":
+                self._cancel_seen = True
+
+    def close(self) -> None:
+        if self.residency is not None:
+            self.residency.close()
+        self.residency = None
+        self.adapter = None
+        self.model_info = None

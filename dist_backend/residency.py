@@ -1,0 +1,83 @@
+"""Which pipeline components are in memory on this rank, and the staged load/free of the guide.
+
+Loading goes through `DiffusionPipeline.from_pretrained` with the unwanted heavy components passed as None, so
+diffusers keeps doing the library-specific work (dtype, safetensors, tokenizers, schedulers); we only decide
+what is resident when.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Residency:
+    """The rank's pipeline object and the set of heavy components currently loaded into it."""
+
+    def __init__(
+        self, model_dir: str, *, heavy: Iterable[str], dtype: torch.dtype, device: torch.device,
+        load_kwargs: Callable[[str], dict[str, Any]] | None = None,
+        on_loaded: Callable[[str, torch.nn.Module], None] | None = None,
+    ) -> None:
+        self.model_dir = model_dir
+        self.heavy = tuple(heavy)
+        self.dtype = dtype
+        self.device = device
+        self._load_kwargs = load_kwargs or (lambda name: {})
+        self._on_loaded = on_loaded or (lambda name, module: None)
+        self.pipe = None
+        self.loaded: set[str] = set()
+
+    def ensure(self, needed: Iterable[str]) -> Any:
+        """Load what `needed` lacks; return the pipeline. Components not asked for are left as they are."""
+        needed = {c for c in needed if c in self.heavy}
+        missing = needed - self.loaded
+        if self.pipe is not None and not missing:
+            return self.pipe
+        from diffusers import DiffusionPipeline
+
+        skip = {c: None for c in self.heavy if c not in missing}
+        extra: dict[str, Any] = {}
+        for name in missing:
+            extra.update(self._load_kwargs(name))
+        log.info("loading %s from %s", sorted(missing) or "pipeline shell", self.model_dir)
+        fresh = DiffusionPipeline.from_pretrained(self.model_dir, torch_dtype=self.dtype, **skip, **extra)
+        for name in missing:
+            module = getattr(fresh, name)
+            if not getattr(module, "hf_device_map", None):  # device_map-placed modules are already where they go
+                module.to(self.device)
+            module.eval().requires_grad_(False)
+            self._on_loaded(name, module)
+        if self.pipe is None:
+            self.pipe = fresh
+        else:
+            self.pipe.register_modules(**{name: getattr(fresh, name) for name in missing})
+        self.loaded |= missing
+        return self.pipe
+
+    def release(self, names: Iterable[str]) -> None:
+        """Drop components from memory (staged offload). The next `ensure` that needs them reloads them."""
+        drop = [n for n in names if n in self.loaded]
+        if not drop or self.pipe is None:
+            return
+        self.pipe.register_modules(**{name: None for name in drop})
+        self.loaded -= set(drop)
+        free_memory(self.device)
+        log.info("released %s", drop)
+
+    def close(self) -> None:
+        self.pipe = None
+        self.loaded.clear()
+        free_memory(self.device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,131 @@
+"""Rank process: `python -m dist_backend.worker`, started by the host's launcher (never imported by ComfyUI).
+
+Lifecycle: connect to the host and prove the session secret, join the torch.distributed process group, report
+ready, then answer calls until the host says shutdown or goes away. A watchdog thread ends the process when the
+host process dies, so no rank outlives the host by more than a second or two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+
+ENV_SECRET = "DISTDIFF_SECRET"
+ENV_RANK = "DISTDIFF_RANK"
+ENV_CONFIG = "DISTDIFF_CONFIG"
+ENV_HOST_ADDR = "DISTDIFF_HOST_ADDR"
+ENV_HOST_PORT = "DISTDIFF_HOST_PORT"
+ENV_MASTER_PORT = "DISTDIFF_MASTER_PORT"
+ENV_PARENT_PID = "DISTDIFF_PARENT_PID"
+
+EXIT_PARENT_GONE = 70
+log = logging.getLogger("dist_backend.worker")
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """End this rank when the host dies. Polls getppid: re-parenting is the one signal that works whatever thread
+    of the host started us (PR_SET_PDEATHSIG fires when the starting *thread* exits, which ComfyUI's may do)."""
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(EXIT_PARENT_GONE)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="distdiff-parent-watch", daemon=True).start()
+
+
+def main() -> int:
+    # Read and drop the secret first: children of this rank (compile workers, ...) must not inherit it.
+    secret = bytes.fromhex(os.environ.pop(ENV_SECRET, ""))
+    rank = int(os.environ[ENV_RANK])
+    logging.basicConfig(
+        level=os.environ.get("DISTDIFF_LOG_LEVEL", "INFO"),
+        format=f"[distdiff rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _watch_parent(int(os.environ[ENV_PARENT_PID]))
+
+    from .config import SessionConfig
+
+    config = SessionConfig.from_json(os.environ[ENV_CONFIG])
+    from . import protocol
+    from .channel import ChannelClosed, client_connect
+
+    channel = client_connect(os.environ[ENV_HOST_ADDR], int(os.environ[ENV_HOST_PORT]), secret,
+                             timeout=config.start_timeout_s)
+    del secret
+    channel.send(protocol.encode({"event": "hello", "rank": rank, "pid": os.getpid()}))
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(config.rank_threads())
+    if config.device.value == "cuda":
+        gpus = config.rank_gpus(rank)
+        torch.cuda.set_device(gpus[0])
+        device = torch.device("cuda", gpus[0])
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{config.host}:{os.environ[ENV_MASTER_PORT]}",
+        rank=rank,
+        world_size=config.world_size,
+        # A collective that waits longer than this raises instead of hanging forever.
+        timeout=timedelta(seconds=config.heartbeat_timeout_s),
+        **({"device_id": device} if backend == "nccl" else {}),
+    )
+    from .rank_engine import RankEngine
+
+    engine = RankEngine(config=config, rank=rank, device=device, channel=channel)
+    channel.send(protocol.encode({"event": "ready", "rank": rank}))
+    log.info("ready: %s, device %s, %d threads", config.strategy, device, torch.get_num_threads())
+
+    try:
+        while True:
+            try:
+                # Idle wait between calls has no deadline on purpose: the sidecar stays up until the host says
+                # shutdown or closes the channel (which also happens when the host dies).
+                frame = channel.recv(timeout=None)
+            except ChannelClosed:
+                log.info("host closed the channel; exiting")
+                return 0
+            message = protocol.decode(frame)
+            op = message.get("op") if isinstance(message, dict) else None
+            call_id = message.get("id") if isinstance(message, dict) else None
+            if op == "cancel":
+                continue  # a cancel that arrived after its call finished
+            if op == "shutdown":
+                channel.send(protocol.encode({"id": call_id, "ok": True, "result": None}))
+                return 0
+            try:
+                result = engine.handle(op, message)
+                reply = {"id": call_id, "ok": True, "result": result}
+            except BaseException as exc:  # every failure goes back to the host as a typed error
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                log.error("%s failed: %s: %s", op, type(exc).__name__, exc)
+                reply = {"id": call_id, "ok": False, "error": {
+                    "type": type(exc).__name__, "message": str(exc), "phase": str(op),
+                    "traceback": traceback.format_exc(),
+                }}
+            channel.send(protocol.encode(reply))
+    finally:
+        engine.close()
+        channel.close()
+        # No destroy_process_group(): it can block on peers that are already gone; exiting frees everything.
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
