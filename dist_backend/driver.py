@@ -88,12 +88,22 @@ class Sidecar:
         last_heard = {p.rank: start for p in procs}
         cancel_sent = False
         failure_at: float | None = None
+        # An exception raised by the caller's own hooks (ComfyUI's progress bar raises its interrupt exception
+        # from update_absolute) must not leave ranks mid-call: cancel them, wait until all stopped, then re-raise.
+        hook_error: BaseException | None = None
         while len(results) + len(errors) < len(procs):
             now = time.monotonic()
-            if not cancel_sent and (errors or (should_cancel is not None and should_cancel())):
-                self._send_cancel(call_id)
-                cancel_sent = True
-                failure_at = now if errors else None
+            if not cancel_sent:
+                wants_cancel = bool(errors) or hook_error is not None
+                if not wants_cancel and should_cancel is not None:
+                    try:
+                        wants_cancel = bool(should_cancel())
+                    except BaseException as exc:  # noqa: BLE001 - re-raised once the ranks have stopped
+                        hook_error, wants_cancel = exc, True
+                if wants_cancel:
+                    self._send_cancel(call_id)
+                    cancel_sent = True
+                    failure_at = now if errors else None
             pending = [p for p in procs if p.rank not in results and p.rank not in errors]
             for proc in pending:
                 code = proc.popen.poll()
@@ -123,12 +133,17 @@ class Sidecar:
                     raise ProtocolError(f"rank {proc.rank} sent an unexpected message during {op}")
                 if message.get("event") == "progress":
                     progress[proc.rank] = (int(message["done"]), int(message["total"]))
-                    if on_progress is not None:
-                        on_progress(sum(d for d, _ in progress.values()), sum(t for _, t in progress.values()))
+                    if on_progress is not None and hook_error is None:
+                        try:
+                            on_progress(sum(d for d, _ in progress.values()), sum(t for _, t in progress.values()))
+                        except BaseException as exc:  # noqa: BLE001 - re-raised once the ranks have stopped
+                            hook_error = exc
                 elif message.get("ok"):
                     results[proc.rank] = message.get("result")
                 else:
                     errors[proc.rank] = message.get("error") or {}
+        if hook_error is not None:
+            raise hook_error
         if errors:
             types = {e.get("type") for e in errors.values()}
             if types == {"Cancelled"}:

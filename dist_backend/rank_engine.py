@@ -18,6 +18,12 @@ from .pipelines.base import ImageRequest
 log = logging.getLogger(__name__)
 
 
+def cp_mode_of(transformer) -> str | None:
+    from .strategies.context_parallel import cp_mode
+
+    return cp_mode(transformer)
+
+
 class RankEngine:
     def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel) -> None:
         self.config = config
@@ -68,10 +74,12 @@ class RankEngine:
         self.close()
         self.adapter = adapter_for(info["family"])
         self.model_info = {"model_dir": model_dir, **info}
-        heavy = (*self.adapter.text_components, *self.adapter.denoise_components, *self.adapter.decode_components)
+        # Only components with weights in this folder (Wan 2.1 lists transformer_2 as null, for example).
+        heavy = tuple(c for c in (*self.adapter.text_components, *self.adapter.denoise_components,
+                                  *self.adapter.decode_components) if c in info["models"])
         self.residency = Residency(
             model_dir, heavy=heavy, dtype=getattr(torch, self.config.dtype.value), device=self.device,
-            on_loaded=self._on_component_loaded,
+
         )
         if self.config.offload is Offload.RESIDENT:
             self.residency.ensure(heavy)
@@ -101,6 +109,8 @@ class RankEngine:
         latents = []
         pipe = self.residency.ensure(self.adapter.denoise_components)
         try:
+            if self.config.cp_degree > 1:
+                self._set_cp_mode(pipe.transformer, message["cp_lengths"])
             for index, (key, seed) in enumerate(items):
                 request = ImageRequest(seed=seed, steps=message["steps"], guidance=message["guidance"],
                                        height=message["height"], width=message["width"],
@@ -117,7 +127,8 @@ class RankEngine:
         finally:
             if self.config.offload is Offload.STAGED:
                 self.residency.release(self.adapter.denoise_components)
-        return {"latents": latents if self.is_leader else None}
+        mode = cp_mode_of(pipe.transformer) if self.config.cp_degree > 1 else None
+        return {"latents": latents if self.is_leader else None, "cp_mode": mode}
 
     def op_decode(self, message: dict) -> dict:
         self._require_model()
@@ -138,12 +149,24 @@ class RankEngine:
         if self.residency is None:
             raise ConfigError("no model loaded on this sidecar; call load(model_dir) first")
 
-    def _on_component_loaded(self, name: str, module: torch.nn.Module) -> None:
-        if name in self.adapter.denoise_components and self.config.cp_degree > 1:
-            from .strategies.context_parallel import enable_context_parallel
+    def _set_cp_mode(self, transformer: torch.nn.Module, lengths: dict[str, int]) -> None:
+        """Enable CP in the mode this request needs (plain, or diffusers' uneven "anything" mode).
+        NOTE: symmetric: the host sends every rank the same `cp_lengths` for the whole call, so every rank of every
+        CP group takes the same branch here, at the same point, before its first item."""
+        from .strategies.context_parallel import (cp_config_for, cp_mode, disable_context_parallel,
+                                                  enable_context_parallel)
 
-            enable_context_parallel(module, ring=self.config.ring, ulysses=self.config.ulysses, mesh=self.mesh,
-                                    attention_backend=self.config.attention_backend or None)
+        ring, ulysses = self.config.ring, self.config.ulysses
+        wanted = cp_config_for(ring=ring, ulysses=ulysses, mesh=None, seq_lengths=lengths)
+        wanted_mode = ("ring_anything" if wanted.ring_anything else "ulysses_anything" if wanted.ulysses_anything
+                       else "ring×ulysses" if ring > 1 and ulysses > 1 else "ring" if ring > 1 else "ulysses")
+        current = cp_mode(transformer)
+        if current == wanted_mode:
+            return
+        if current is not None:
+            disable_context_parallel(transformer)
+        enable_context_parallel(transformer, ring=ring, ulysses=ulysses, mesh=self.mesh, seq_lengths=lengths,
+                                attention_backend=self.config.attention_backend or None)
 
     def _step_boundary(self, done: int, total: int) -> None:
         """After every denoise step: report progress, and decide together whether to stop."""

@@ -47,7 +47,8 @@ class Residency:
         for name in missing:
             extra.update(self._load_kwargs(name))
         log.info("loading %s from %s", sorted(missing) or "pipeline shell", self.model_dir)
-        fresh = DiffusionPipeline.from_pretrained(self.model_dir, torch_dtype=self.dtype, **skip, **extra)
+        fresh = DiffusionPipeline.from_pretrained(self.model_dir, dtype=self.dtype, **skip, **extra)
+        fresh.set_progress_bar_config(disable=True)  # progress goes to the host, not to the rank's log
         for name in missing:
             module = getattr(fresh, name)
             if not getattr(module, "hf_device_map", None):  # device_map-placed modules are already where they go

@@ -55,6 +55,7 @@ class Session:
         self._lock = threading.RLock()
         self.starts = 0
         self.timings = Timings()
+        self.last_cp_modes: list[str | None] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
@@ -75,6 +76,10 @@ class Session:
     def alive(self) -> bool:
         return self._sidecar is not None and self._sidecar.alive()
 
+    def sidecar_pids(self) -> list[int]:
+        """Rank process ids of the live sidecar (empty when none is running)."""
+        return self._sidecar.pids if self.alive() else []
+
     def close(self) -> None:
         with self._lock:
             if self._sidecar is not None:
@@ -88,15 +93,15 @@ class Session:
     def load(self, model_dir: str | Path) -> dict[str, Any]:
         """Check the model folder on the host, then load it on every rank (components per the offload policy)."""
         from .pipelines import read_model_config
-        from .strategies.context_parallel import check_cp_supported
+        from .strategies.cp_checks import check_cp_supported
 
         model_dir = str(Path(model_dir).expanduser().resolve())
         info = read_model_config(model_dir)
         if self.config.cp_degree > 1:
             check_cp_supported(info, ring=self.config.ring, ulysses=self.config.ulysses)
         with self._lock:
-            t0 = time.monotonic()
             sidecar = self.sidecar
+            t0 = time.monotonic()
             if self._model_dir != model_dir:
                 sidecar.call("load", self._same({"model_dir": model_dir}))
                 self._model_dir, self._model_info = model_dir, info
@@ -134,6 +139,7 @@ class Session:
         self._check_denoise(cond, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
                             num_frames=num_frames, seed=seed)
         items = image_items(len(cond.prompts), images_per_prompt, seed)
+        cp_lengths = self._cp_lengths(cond, height=height, width=width, num_frames=num_frames)
         cfg = self.config
         payloads = []
         for rank in range(cfg.world_size):
@@ -145,13 +151,14 @@ class Session:
                 "items": [[str(p), s] for p, s in mine],
                 "cond": {str(p): cond.embeds[p] for p in keys},
                 "steps": steps, "guidance": float(guidance), "height": height, "width": width,
-                "num_frames": num_frames,
+                "num_frames": num_frames, "cp_lengths": cp_lengths,
             })
         with self._lock:
             t0 = time.monotonic()
             results = self.sidecar.call("denoise", payloads, on_progress=on_progress, should_cancel=should_cancel,
                                         stepped=True)
             self.timings.add("denoise", time.monotonic() - t0)
+        self.last_cp_modes = [r["cp_mode"] for r in results]  # what each rank really ran (tests check it)
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
         return torch.cat(latents, dim=0)
 
@@ -186,6 +193,21 @@ class Session:
         images = self.decode(latents, should_cancel=should_cancel)
         return latents, images
 
+    def _cp_lengths(self, cond: Conditioning, *, height: int, width: int, num_frames: int) -> dict[str, int]:
+        """Every sequence length the CP plan will split in this call, over all prompts: every rank gets the same
+        dict, so every rank picks the same CP mode (see RankEngine._set_cp_mode)."""
+        if self.config.cp_degree == 1:
+            return {}
+        from .pipelines import adapter_for
+
+        adapter = adapter_for(self._model_info["family"])
+        lengths = {}
+        for index, embeds in enumerate(cond.embeds):
+            for name, value in adapter.sequence_lengths(self._model_info, embeds, height=height, width=width,
+                                                        num_frames=num_frames).items():
+                lengths[f"{name} tokens of prompt {index}"] = int(value)
+        return lengths
+
     # -- checks --------------------------------------------------------------------------------------------------
     def _require_model(self) -> None:
         if self._model_dir is None:
@@ -193,7 +215,7 @@ class Session:
 
     def _check_denoise(self, cond: Conditioning, *, steps, height, width, images_per_prompt, num_frames, seed) -> None:
         from .pipelines import adapter_for
-        from .strategies.context_parallel import check_sequences
+        from .strategies.cp_checks import check_sequences
 
         if not isinstance(cond, Conditioning) or not cond.embeds:
             raise ConfigError("conditioning is empty; encode at least one prompt first")

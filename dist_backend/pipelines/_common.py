@@ -1,0 +1,79 @@
+"""Small helpers shared by the family adapters (size checks, step callbacks, tensor moves)."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_backend.errors import ConfigError, ModelError
+from dist_backend.pipelines.base import ImageRequest, StepCallback
+
+
+def nearest_multiple(value: int, multiple: int, *, offset: int = 0) -> int:
+    """The value of the form k*multiple + offset (k >= 1, or k >= 0 when offset > 0) nearest to `value`."""
+    k = round((value - offset) / multiple)
+    return max(k, 0 if offset > 0 else 1) * multiple + offset
+
+
+def check_multiple(name: str, value: int, multiple: int, *, why: str) -> None:
+    """ConfigError naming `name` and the nearest valid value unless `value` is a positive multiple of `multiple`."""
+    if value >= multiple and value % multiple == 0:
+        return
+    raise ConfigError(
+        f"{name} {value} must be a positive multiple of {multiple} ({why}); the nearest valid {name} is "
+        f"{nearest_multiple(value, multiple)}"
+    )
+
+
+def check_single_frame(family: str, num_frames: int) -> None:
+    if num_frames != 1:
+        raise ConfigError(f"num_frames {num_frames} is not supported: {family} makes still images; use num_frames 1")
+
+
+def component_config(pipe_config: dict, name: str) -> dict:
+    """The json config of component `name` from `read_model_config`'s result."""
+    try:
+        return pipe_config["components"][name]
+    except KeyError:
+        raise ModelError(
+            f"model folder {pipe_config.get('model_dir', '?')!r} has no {name!r} component, which this family needs"
+        ) from None
+
+
+def cpu_generator(request: ImageRequest) -> torch.Generator:
+    """The seed contract: every image's noise comes from a CPU generator seeded with its own seed.
+
+    A CPU generator gives the same numbers on every machine and every rank (whatever device the model is on),
+    which is what makes context-parallel ranks agree and results reproducible across hosts.
+    """
+    return torch.Generator("cpu").manual_seed(request.seed)
+
+
+def step_callback(on_step: StepCallback | None, total: int):
+    """A diffusers `callback_on_step_end` that reports (i + 1, total); exceptions (Cancelled) propagate."""
+
+    def callback(pipe, i, t, callback_kwargs):
+        if on_step is not None:
+            on_step(i + 1, total)
+        return {}  # change nothing: the pipeline pops "latents" etc. from what we return
+
+    return callback
+
+
+def to_device(cond: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype,
+              keep_dtype: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Move the embeddings to the transformer's device and dtype (masks in `keep_dtype` keep theirs)."""
+    return {k: v.to(device=device) if k in keep_dtype else v.to(device=device, dtype=dtype) for k, v in cond.items()}
+
+
+def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu") for k, v in tensors.items()}
+
+
+def text_length_cap(tokenizer, *, pipeline_default: int) -> int:
+    """The text length the pipeline pads to: its own default, or less if the tokenizer says it cannot take more.
+
+    Real checkpoints' tokenizers allow at least the default, so this is the plain pipeline behaviour there;
+    the tiny test pipelines declare a short `model_max_length` to keep the text sequence small.
+    """
+    limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    return min(pipeline_default, int(limit)) if limit else pipeline_default

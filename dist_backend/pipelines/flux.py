@@ -1,0 +1,133 @@
+"""FLUX.1 (FluxPipeline): CLIP + T5 text encoders, a packed-latent MMDiT, a 16-channel AutoencoderKL.
+
+Guidance mapping: `ImageRequest.guidance` -> `guidance_scale`, the embedded (distilled) guidance fed to the
+transformer; it is ignored by models without guidance embeddings (schnell). True CFG (`true_cfg_scale`) is a
+separate adapter setting, default 1.0 = off, because FLUX.1 is guidance-distilled and a negative prompt would
+double the cost for no benefit. With `FluxAdapter(true_cfg_scale=s)` (s > 1) and a negative prompt, `encode`
+also returns the negative embeddings and the pipeline runs true CFG exactly as diffusers does.
+
+Conditioning keys: "prompt_embeds" [1, T, 4096], "pooled_prompt_embeds" [1, 768], plus
+"negative_prompt_embeds" and "negative_pooled_prompt_embeds" exactly when true CFG is on and a negative
+prompt was given (the only case in which the pipeline would use them).
+
+Latents: the pipeline works on 2x2-packed tokens [1, h/2*w/2, 4C]; we hand out the unpacked [1, C, h, w].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_backend.pipelines import PIPELINE_CLASSES, Family
+from dist_backend.pipelines._common import (
+    check_multiple, check_single_frame, component_config, cpu_generator, step_callback, text_length_cap, to_cpu,
+    to_device,
+)
+from dist_backend.pipelines.base import FamilyAdapter, ImageRequest, StepCallback
+
+# FluxPipeline.__call__'s max_sequence_length default (and its maximum).
+_T5_DEFAULT_LENGTH = 512
+
+
+class FluxAdapter(FamilyAdapter):
+    name = "flux"
+    pipeline_class_names = PIPELINE_CLASSES[Family.FLUX]
+    is_video = False
+    text_components = ("text_encoder", "text_encoder_2")
+    denoise_components = ("transformer",)
+    decode_components = ("vae",)
+
+    def __init__(self, *, true_cfg_scale: float = 1.0) -> None:
+        self.true_cfg_scale = float(true_cfg_scale)
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def max_sequence_length(self, pipe) -> int:
+        """T5 length the text is padded to (512 for the real models; 32 for the tiny test pipeline)."""
+        return text_length_cap(getattr(pipe, "tokenizer_2", None), pipeline_default=_T5_DEFAULT_LENGTH)
+
+    @torch.no_grad()
+    def encode(self, pipe, *, prompt: str, negative_prompt: str | None, device: torch.device) -> dict[str, torch.Tensor]:
+        length = self.max_sequence_length(pipe)
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
+                                               num_images_per_prompt=1, max_sequence_length=length)
+        cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if self._true_cfg(negative_prompt):
+            neg, neg_pooled, _ = pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=device,
+                                                    num_images_per_prompt=1, max_sequence_length=length)
+            cond.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+        return to_cpu(cond)
+
+    def _true_cfg(self, negative_prompt: str | None) -> bool:
+        return self.true_cfg_scale > 1.0 and negative_prompt is not None
+
+    # -- denoise ------------------------------------------------------------------------------------------
+    def initial_noise(self, pipe, *, request: ImageRequest, dtype: torch.dtype) -> torch.Tensor:
+        """The packed noise [1, h/2*w/2, 4C] the pipeline would draw for `request.seed`, on CPU.
+
+        Uses the pipeline's own prepare_latents with the CPU generator, so it is the same tensor on every rank
+        and the same as a plain `pipe(generator=...)` call (which draws in the prompt embeddings' dtype).
+        """
+        channels = pipe.transformer.config.in_channels // 4
+        latents, _ = pipe.prepare_latents(1, channels, request.height, request.width, dtype, torch.device("cpu"),
+                                          cpu_generator(request))
+        return latents
+
+    @torch.no_grad()
+    def denoise(self, pipe, *, cond: dict[str, torch.Tensor], request: ImageRequest, device: torch.device,
+                on_step: StepCallback | None = None) -> torch.Tensor:
+        dtype = pipe.transformer.dtype
+        c = to_device(cond, device=device, dtype=dtype)
+        latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
+        packed = pipe(
+            prompt_embeds=c["prompt_embeds"], pooled_prompt_embeds=c["pooled_prompt_embeds"],
+            negative_prompt_embeds=c.get("negative_prompt_embeds"),
+            negative_pooled_prompt_embeds=c.get("negative_pooled_prompt_embeds"),
+            true_cfg_scale=self.true_cfg_scale, guidance_scale=request.guidance,
+            height=request.height, width=request.width, num_inference_steps=request.steps,
+            latents=latents, output_type="latent", return_dict=False,
+            callback_on_step_end=step_callback(on_step, request.steps),
+        )[0]
+        return self._unpack(pipe, packed, request)
+
+    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
+        packed = pipe(
+            prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=self.true_cfg_scale,
+            guidance_scale=request.guidance, height=request.height, width=request.width,
+            num_inference_steps=request.steps, generator=cpu_generator(request),
+            max_sequence_length=self.max_sequence_length(pipe), output_type="latent", return_dict=False,
+        )[0]
+        return self._unpack(pipe, packed, request)
+
+    @staticmethod
+    def _unpack(pipe, packed: torch.Tensor, request: ImageRequest) -> torch.Tensor:
+        return pipe._unpack_latents(packed, request.height, request.width, pipe.vae_scale_factor).float().cpu()
+
+    # -- decode -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+        # The same steps as FluxPipeline.__call__ after its loop (minus the unpacking, done already).
+        vae = pipe.vae
+        z = latents.to(device=device, dtype=vae.dtype)
+        z = (z / vae.config.scaling_factor) + vae.config.shift_factor
+        image = vae.decode(z, return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type="pt")
+        return image.permute(0, 2, 3, 1).float().cpu()
+
+    # -- planning (json configs only) ---------------------------------------------------------------------
+    @staticmethod
+    def _pixels_per_token(pipe_config: dict) -> tuple[int, int]:
+        vae_scale = 2 ** (len(component_config(pipe_config, "vae")["block_out_channels"]) - 1)
+        return vae_scale, vae_scale * 2  # latents are packed 2x2 into tokens
+
+    def check_size(self, pipe_config: dict, *, height: int, width: int, num_frames: int) -> None:
+        vae_scale, multiple = self._pixels_per_token(pipe_config)
+        why = f"VAE scale factor {vae_scale} x 2x2 latent packing"
+        check_multiple("height", height, multiple, why=why)
+        check_multiple("width", width, multiple, why=why)
+        check_single_frame(self.name, num_frames)
+
+    def sequence_lengths(self, pipe_config: dict, cond: dict[str, torch.Tensor], *, height: int, width: int,
+                         num_frames: int) -> dict[str, int]:
+        # _cp_plan splits hidden_states/img_ids (image tokens) and encoder_hidden_states/txt_ids (text tokens);
+        # the negative text has the same padded length.
+        _, per_token = self._pixels_per_token(pipe_config)
+        return {"image": (height // per_token) * (width // per_token), "text": int(cond["prompt_embeds"].shape[1])}

@@ -1,0 +1,138 @@
+"""Qwen-Image (QwenImagePipeline): a Qwen2.5-VL text encoder, a packed-latent MMDiT, a causal-3D VAE.
+
+Guidance mapping: `ImageRequest.guidance` -> `true_cfg_scale` (real classifier-free guidance, with the
+pipeline's norm rescale). As in diffusers, CFG runs only when guidance > 1 AND a negative prompt is given;
+without a negative prompt the pipeline runs a single unguided pass (and logs a warning if guidance > 1).
+Qwen-Image's examples use negative_prompt=" " to get CFG with an "empty" negative.
+
+Conditioning keys: "prompt_embeds" [1, T, D] and "prompt_embeds_mask" [1, T] (long), plus
+"negative_prompt_embeds" / "negative_prompt_embeds_mask" [1, T', ...] whenever a negative prompt is given.
+T is the prompt's own token count (the template's 34-token prefix is dropped, its 5-token suffix kept), so
+it varies with the prompt and is often odd; T' differs from T.
+
+Mask behaviour (diffusers 0.42.1): for one prompt the mask is all ones and `encode_prompt` turns it into None,
+so the transformer gets NO attention mask; we keep the all-ones mask in the dict so the keys are stable, and the
+pipeline drops it again. A padding mask only appears for batched prompts of different lengths, which the
+adapter never builds; `uses_attention_mask` reports it if such embeddings are passed in.
+
+Latents: the pipeline draws [1, 1, C, h, w] (a frame axis of 1) and packs 2x2 into tokens; we hand out
+[1, C, h, w].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_backend.pipelines import PIPELINE_CLASSES, Family
+from dist_backend.pipelines._common import (
+    check_multiple, check_single_frame, component_config, cpu_generator, step_callback, to_cpu, to_device,
+)
+from dist_backend.pipelines.base import FamilyAdapter, ImageRequest, StepCallback
+
+# QwenImagePipeline.__call__'s max_sequence_length default: the text embeddings are cut to this length.
+_MAX_SEQUENCE_LENGTH = 512
+_MASK_KEYS = ("prompt_embeds_mask", "negative_prompt_embeds_mask")
+
+
+class QwenImageAdapter(FamilyAdapter):
+    name = "qwenimage"
+    pipeline_class_names = PIPELINE_CLASSES[Family.QWENIMAGE]
+    is_video = False
+    text_components = ("text_encoder",)
+    denoise_components = ("transformer",)
+    decode_components = ("vae",)
+
+    # -- text ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, pipe, *, prompt: str, negative_prompt: str | None, device: torch.device) -> dict[str, torch.Tensor]:
+        cond = dict(zip(("prompt_embeds", "prompt_embeds_mask"), self._encode_one(pipe, prompt, device)))
+        if negative_prompt is not None:
+            # Encoded whenever given: whether CFG runs depends on the guidance, which is per request.
+            neg = self._encode_one(pipe, negative_prompt, device)
+            cond.update(negative_prompt_embeds=neg[0], negative_prompt_embeds_mask=neg[1])
+        return to_cpu(cond)
+
+    @staticmethod
+    def _encode_one(pipe, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                          max_sequence_length=_MAX_SEQUENCE_LENGTH)
+        if mask is None:  # all tokens valid: the pipeline dropped the mask; restore it so the keys are stable
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return embeds, mask
+
+    # -- denoise ------------------------------------------------------------------------------------------
+    def initial_noise(self, pipe, *, request: ImageRequest, dtype: torch.dtype) -> torch.Tensor:
+        """The packed noise [1, h/2*w/2, 4C] the pipeline would draw for `request.seed`, on CPU (see flux.py)."""
+        channels = pipe.transformer.config.in_channels // 4
+        return pipe.prepare_latents(1, channels, request.height, request.width, dtype, torch.device("cpu"),
+                                    cpu_generator(request))
+
+    @torch.no_grad()
+    def denoise(self, pipe, *, cond: dict[str, torch.Tensor], request: ImageRequest, device: torch.device,
+                on_step: StepCallback | None = None) -> torch.Tensor:
+        dtype = pipe.transformer.dtype
+        c = to_device(cond, device=device, dtype=dtype, keep_dtype=_MASK_KEYS)
+        latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
+        packed = pipe(
+            prompt_embeds=c["prompt_embeds"], prompt_embeds_mask=c["prompt_embeds_mask"],
+            negative_prompt_embeds=c.get("negative_prompt_embeds"),
+            negative_prompt_embeds_mask=c.get("negative_prompt_embeds_mask"),
+            true_cfg_scale=request.guidance, height=request.height, width=request.width,
+            num_inference_steps=request.steps, latents=latents, output_type="latent", return_dict=False,
+            callback_on_step_end=step_callback(on_step, request.steps),
+        )[0]
+        return self._unpack(pipe, packed, request)
+
+    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
+        packed = pipe(
+            prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=request.guidance,
+            height=request.height, width=request.width, num_inference_steps=request.steps,
+            generator=cpu_generator(request), output_type="latent", return_dict=False,
+        )[0]
+        return self._unpack(pipe, packed, request)
+
+    @staticmethod
+    def _unpack(pipe, packed: torch.Tensor, request: ImageRequest) -> torch.Tensor:
+        latents = pipe._unpack_latents(packed, request.height, request.width, pipe.vae_scale_factor)
+        return latents[:, :, 0].float().cpu()  # drop the frame axis of 1
+
+    # -- decode -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+        # The same steps, in the same order, as QwenImagePipeline.__call__ after its loop, so results match bitwise.
+        vae = pipe.vae
+        z = latents.unsqueeze(2).to(device=device, dtype=vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        z = z / inv_std + mean
+        image = vae.decode(z, return_dict=False)[0][:, :, 0]
+        image = pipe.image_processor.postprocess(image, output_type="pt")
+        return image.permute(0, 2, 3, 1).float().cpu()
+
+    # -- planning (json configs only) ---------------------------------------------------------------------
+    @staticmethod
+    def _pixels_per_token(pipe_config: dict) -> tuple[int, int]:
+        vae_scale = 2 ** len(component_config(pipe_config, "vae")["temperal_downsample"])
+        return vae_scale, vae_scale * 2  # latents are packed 2x2 into tokens
+
+    def check_size(self, pipe_config: dict, *, height: int, width: int, num_frames: int) -> None:
+        vae_scale, multiple = self._pixels_per_token(pipe_config)
+        why = f"VAE scale factor {vae_scale} x 2x2 latent packing"
+        check_multiple("height", height, multiple, why=why)
+        check_multiple("width", width, multiple, why=why)
+        check_single_frame(self.name, num_frames)
+
+    def sequence_lengths(self, pipe_config: dict, cond: dict[str, torch.Tensor], *, height: int, width: int,
+                         num_frames: int) -> dict[str, int]:
+        # _cp_plan splits hidden_states (image tokens) and encoder_hidden_states / its mask (text tokens). The
+        # negative prompt is a separate transformer call with its own text length, so it must divide too.
+        _, per_token = self._pixels_per_token(pipe_config)
+        lengths = {"image": (height // per_token) * (width // per_token),
+                   "text": int(cond["prompt_embeds"].shape[1])}
+        if "negative_prompt_embeds" in cond:
+            lengths["negative_text"] = int(cond["negative_prompt_embeds"].shape[1])
+        return lengths
+
+    def uses_attention_mask(self, cond: dict[str, torch.Tensor]) -> bool:
+        # The pipeline passes a mask to the transformer only when it has a zero (see module docstring).
+        return any(k in cond and not bool(cond[k].bool().all()) for k in _MASK_KEYS)

@@ -1,0 +1,67 @@
+"""SessionConfig: invalid combinations raise ConfigError with the arithmetic, before any process starts."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dist_backend.config import SessionConfig
+from dist_backend.errors import ConfigError
+from dist_backend.split import block_bounds, blocks, image_items
+
+
+def test_dp_is_derived_and_round_trips():
+    c = SessionConfig(world_size=4, ulysses=2)
+    assert c.dp == 2 and c.cp_degree == 2 and c.strategy == "dp2×ulysses2"
+    assert SessionConfig.from_json(c.to_json()) == c
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(world_size=3, ulysses=2), ["world_size (3)", "ring (1) × ulysses (2) = 2"]),
+    (dict(world_size=4, dp=3, ulysses=2), ["dp (3) × ring (1) × ulysses (2) = 6", "world_size is 4"]),
+    (dict(world_size=0), ["world_size must be an integer ≥ 1"]),
+    (dict(device="tpu"), ["device='tpu'", "cpu, cuda"]),
+    (dict(dtype="float8"), ["dtype='float8'"]),
+    (dict(dtype="float16"), ["float16", "device='cpu'"]),
+    (dict(gpus_per_rank=2), ["gpus_per_rank=2 needs device='cuda'"]),
+    (dict(device="cuda", world_size=2, gpus_per_rank=2, ulysses=2), ["context parallelism needs each rank"]),
+    (dict(device="cuda", world_size=2, gpu_ids=(0,)), ["= 2 GPUs", "gpu_ids lists 1"]),
+    (dict(device="cuda", world_size=2, gpu_ids=(1, 1)), ["duplicates"]),
+    (dict(max_memory="0=1GB"), ["max_memory is only used with device_map"]),
+    (dict(call_timeout_s=0), ["call_timeout_s must be a positive"]),
+])
+def test_invalid_configs_name_the_input(kwargs, words):
+    with pytest.raises(ConfigError) as info:
+        SessionConfig(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+@given(world=st.integers(-2, 9), dp=st.integers(-1, 9), ring=st.integers(-1, 5), ulysses=st.integers(-1, 5),
+       device=st.sampled_from(["cpu", "cuda", "x"]), gpr=st.integers(0, 3))
+@settings(max_examples=300, deadline=None)
+def test_config_either_validates_or_raises_config_error(world, dp, ring, ulysses, device, gpr):
+    try:
+        c = SessionConfig(world_size=world, dp=dp, ring=ring, ulysses=ulysses, device=device, gpus_per_rank=gpr)
+    except ConfigError:
+        return
+    assert c.dp * c.ring * c.ulysses == c.world_size
+
+
+@given(n=st.integers(0, 50), k=st.integers(1, 9))
+def test_blocks_are_contiguous_and_cover_everything(n, k):
+    bounds = blocks(n, k)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_split_matches_accelerate_split_between_processes():
+    # accelerate gives the first n % k processes one extra item, in order: 3 prompts on 2 ranks -> [0, 1], [2]
+    assert blocks(3, 2) == [(0, 2), (2, 3)]
+    with pytest.raises(ValueError):
+        block_bounds(3, 2, 2)
+
+
+def test_seeds_are_per_image_prompt_major():
+    assert image_items(2, 3, 10) == [(0, 10), (0, 11), (0, 12), (1, 13), (1, 14), (1, 15)]
