@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import protocol
+from . import faults, protocol
 from .config import Offload, SessionConfig
 from .errors import Cancelled, ConfigError
 from .pipelines.base import ImageRequest
@@ -50,6 +50,7 @@ class RankEngine:
         self.model_info: dict[str, Any] | None = None
         self._call_id = None
         self._cancel_seen = False
+        self.fault = faults.from_env(rank)  # test-only fault injection; None unless DISTDIFF_FAULT names this rank
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     def handle(self, op: str | None, message: dict) -> Any:
@@ -58,6 +59,8 @@ class RankEngine:
             raise ConfigError(f"unknown op {op!r}")
         self._call_id = message.get("id")
         self._cancel_seen = False
+        if self.fault is not None:
+            self.fault.at(op)
         return handler(message)
 
     def op_ping(self, message: dict) -> dict:
@@ -77,14 +80,29 @@ class RankEngine:
         # Only components with weights in this folder (Wan 2.1 lists transformer_2 as null, for example).
         heavy = tuple(c for c in (*self.adapter.text_components, *self.adapter.denoise_components,
                                   *self.adapter.decode_components) if c in info["models"])
+        load_kwargs = None
+        if self.config.gpus_per_rank > 1:
+            from .sharding import load_kwargs_for, plan_for_model, rank_budgets
+
+            gpus = self.config.rank_gpus(self.rank)
+            plan = plan_for_model(model_dir, config=self.config, adapter=self.adapter,
+                                  budgets=rank_budgets(self.config, gpus), models=set(heavy))
+            log.info("device_map plan:\n%s", plan.describe())
+            load_kwargs = load_kwargs_for(plan, self.adapter, gpus)
         self.residency = Residency(
             model_dir, heavy=heavy, dtype=getattr(torch, self.config.dtype.value), device=self.device,
-
+            load_kwargs=load_kwargs,
         )
-        if self.config.offload is Offload.RESIDENT:
-            self.residency.ensure(heavy)
-        else:
-            self.residency.ensure(self.adapter.text_components)  # first stage only; the rest loads when needed
+        try:
+            if self.config.offload is Offload.RESIDENT:
+                self.residency.ensure(heavy)
+            else:
+                self.residency.ensure(self.adapter.text_components)  # first stage only; the rest loads when needed
+        except BaseException:
+            # Nothing half-loaded: without this, model_info already names the folder and the next load of the same
+            # folder would return early with an empty pipeline.
+            self.close()
+            raise
         return {"family": info["family"], "loaded": sorted(self.residency.loaded)}
 
     def op_encode(self, message: dict) -> dict:
@@ -137,7 +155,10 @@ class RankEngine:
             return {"images": None}
         pipe = self.residency.ensure(self.adapter.decode_components)
         with torch.inference_mode():
-            images = self.adapter.decode(pipe, latents=latents, device=self.device)
+            # One image at a time: a batched VAE decode is not bit-identical to the per-image decode of the plain
+            # pipeline (convolution blocking depends on the batch), and the seed contract is per image.
+            images = torch.cat([self.adapter.decode(pipe, latents=latents[i:i + 1], device=self.device)
+                                for i in range(latents.shape[0])])
         return {"images": images}
 
     def op_unload(self, message: dict) -> dict:
@@ -170,8 +191,12 @@ class RankEngine:
 
     def _step_boundary(self, done: int, total: int) -> None:
         """After every denoise step: report progress, and decide together whether to stop."""
-        if self.is_leader:
-            self.channel.send(protocol.encode({"id": self._call_id, "event": "progress", "done": done, "total": total}))
+        if self.fault is not None:
+            self.fault.at("denoise", done)
+        # Every rank says it is alive each step (the host's heartbeat_timeout_s watches each rank, and a CP
+        # non-leader would otherwise be silent for the whole denoise); only leaders' messages count as progress.
+        event = "progress" if self.is_leader else "heartbeat"
+        self.channel.send(protocol.encode({"id": self._call_id, "event": event, "done": done, "total": total}))
         self._drain_cancel()
         stop = self._cancel_seen
         if self.cp_group is not None:

@@ -23,14 +23,12 @@ class Residency:
     def __init__(
         self, model_dir: str, *, heavy: Iterable[str], dtype: torch.dtype, device: torch.device,
         load_kwargs: Callable[[str], dict[str, Any]] | None = None,
-        on_loaded: Callable[[str, torch.nn.Module], None] | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.heavy = tuple(heavy)
         self.dtype = dtype
         self.device = device
         self._load_kwargs = load_kwargs or (lambda name: {})
-        self._on_loaded = on_loaded or (lambda name, module: None)
         self.pipe = None
         self.loaded: set[str] = set()
 
@@ -42,19 +40,21 @@ class Residency:
             return self.pipe
         from diffusers import DiffusionPipeline
 
-        skip = {c: None for c in self.heavy if c not in missing}
-        extra: dict[str, Any] = {}
+        skip: dict[str, Any] = {c: None for c in self.heavy if c not in missing}
         for name in missing:
-            extra.update(self._load_kwargs(name))
+            # A pipeline-level from_pretrained takes one string device_map for all components, so a component
+            # with its own placement (device_map sharding over this rank's GPUs) is loaded alone and passed in.
+            kwargs = self._load_kwargs(name)
+            if kwargs:
+                skip[name] = load_component(self.model_dir, name, dtype=self.dtype, **kwargs)
         log.info("loading %s from %s", sorted(missing) or "pipeline shell", self.model_dir)
-        fresh = DiffusionPipeline.from_pretrained(self.model_dir, dtype=self.dtype, **skip, **extra)
+        fresh = DiffusionPipeline.from_pretrained(self.model_dir, dtype=self.dtype, **skip)
         fresh.set_progress_bar_config(disable=True)  # progress goes to the host, not to the rank's log
         for name in missing:
             module = getattr(fresh, name)
             if not getattr(module, "hf_device_map", None):  # device_map-placed modules are already where they go
                 module.to(self.device)
             module.eval().requires_grad_(False)
-            self._on_loaded(name, module)
         if self.pipe is None:
             self.pipe = fresh
         else:
@@ -76,6 +76,18 @@ class Residency:
         self.pipe = None
         self.loaded.clear()
         free_memory(self.device)
+
+
+def load_component(model_dir: str, name: str, *, dtype: torch.dtype, **kwargs: Any) -> torch.nn.Module:
+    """One component by the library and class model_index.json names for it."""
+    import importlib
+    import json
+    import os
+
+    with open(os.path.join(model_dir, "model_index.json"), encoding="utf-8") as f:
+        library, class_name = json.load(f)[name]
+    cls = getattr(importlib.import_module(library), class_name)
+    return cls.from_pretrained(model_dir, subfolder=name, dtype=dtype, **kwargs)
 
 
 def free_memory(device: torch.device) -> None:

@@ -99,6 +99,15 @@ class Session:
         info = read_model_config(model_dir)
         if self.config.cp_degree > 1:
             check_cp_supported(info, ring=self.config.ring, ulysses=self.config.ulysses)
+        if self.config.gpus_per_rank > 1 and self.config.max_memory:
+            # The placement is a pure function of the folder's configs and the budgets: refuse a plan that does
+            # not fit before any rank starts (ranks without max_memory plan on their GPUs' free memory).
+            from .pipelines import adapter_for
+            from .sharding import plan_for_model
+            from .strategies.placement import parse_max_memory
+
+            plan_for_model(model_dir, config=self.config, adapter=adapter_for(info["family"]),
+                           budgets=parse_max_memory(self.config.max_memory), models=set(info["models"]))
         with self._lock:
             sidecar = self.sidecar
             t0 = time.monotonic()

@@ -7,13 +7,18 @@ import time
 import psutil
 
 
-def rank_processes() -> list[psutil.Process]:
-    """Every live DistDiff rank process on this machine started by this test run (same session user)."""
+def rank_processes(*, everywhere: bool = False) -> list[psutil.Process]:
+    """Live DistDiff rank processes started by this test process (its descendants), or, with everywhere=True, on
+    the whole machine (for tests whose host process is another one). Other test runs on the same machine do not
+    disturb the default."""
+    if everywhere:
+        candidates = list(psutil.process_iter())
+    else:
+        candidates = psutil.Process().children(recursive=True)
     found = []
-    for proc in psutil.process_iter(["cmdline", "environ"]):
+    for proc in candidates:
         try:
-            cmd = proc.info["cmdline"] or []
-            if "dist_backend.worker" in cmd and proc.status() != psutil.STATUS_ZOMBIE:
+            if "dist_backend.worker" in proc.cmdline() and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

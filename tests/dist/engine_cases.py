@@ -1,0 +1,54 @@
+"""Shared inputs of the engine tests: prompts, sizes per family, and the single-process references."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_backend.images import to_uint8
+from dist_backend.pipelines import adapter_for
+from dist_backend.pipelines.base import ImageRequest
+
+SIZE = {"flux": dict(height=64, width=64), "qwenimage": dict(height=64, width=64),
+        "wan": dict(height=64, width=64, num_frames=5)}
+STEPS = 3
+GUIDANCE = {"flux": 3.5, "qwenimage": 1.0, "wan": 1.0}
+# Prompts whose Qwen-Image text length is a multiple of 4 work under every split; odd ones need an uneven mode.
+CANDIDATES = ("a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "an old map", "two cats",
+              "a green hill under clouds", "a small boat")
+
+
+def qwen_text_length(pipe, prompt: str) -> int:
+    adapter = adapter_for("qwenimage")
+    return int(adapter.encode(pipe, prompt=prompt, negative_prompt=None, device=torch.device("cpu"))
+               ["prompt_embeds"].shape[1])
+
+
+def prompts_with_text_length(pipe, *, divisible_by: int, odd: bool = False, count: int = 1) -> list[str]:
+    """Prompts whose Qwen-Image text length is (or, with odd=True, is not) a multiple of `divisible_by`."""
+    chosen = [p for p in CANDIDATES if (qwen_text_length(pipe, p) % divisible_by == 0) != odd]
+    assert len(chosen) >= count, f"no {count} candidate prompts with the wanted text length"
+    return chosen[:count]
+
+
+def reference(pipes, family: str, prompts: list[str], *, seed: int, images_per_prompt: int = 1) -> torch.Tensor:
+    """The plain diffusers pipeline in this process, image j with seed + j (the seed contract)."""
+    adapter = adapter_for(family)
+    out = []
+    for p, prompt in enumerate(prompts):
+        for k in range(images_per_prompt):
+            request = ImageRequest(seed=seed + p * images_per_prompt + k, steps=STEPS, guidance=GUIDANCE[family],
+                                   **SIZE[family])
+            out.append(adapter.reference(pipes[family], prompt=prompt, negative_prompt=None, request=request))
+    return torch.cat(out)
+
+
+def reference_images(pipes, family: str, latents: torch.Tensor) -> torch.Tensor:
+    """Each image decoded on its own, as the plain pipeline does for a one-image call."""
+    adapter = adapter_for(family)
+    return to_uint8(torch.cat([adapter.decode(pipes[family], latents=latents[i:i + 1], device=torch.device("cpu"))
+                               for i in range(latents.shape[0])]))
+
+
+def generate(session, model_dir, family: str, prompts: list[str], *, seed: int, images_per_prompt: int = 1):
+    return session.generate(model_dir=model_dir, prompts=prompts, seed=seed, steps=STEPS,
+                            guidance=GUIDANCE[family], images_per_prompt=images_per_prompt, **SIZE[family])
