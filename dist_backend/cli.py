@@ -57,10 +57,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         session.close()
     names = image_names(num_images=latents.shape[0], frames=args.num_frames)
     paths = save_pngs(images, args.out, names=names)
-    if args.save_latents:
+    if args.save_tensors:
         import torch
 
-        torch.save(latents, Path(args.out) / "latents.pt")
+        torch.save({"latents": latents, "images": images}, Path(args.out) / "tensors.pt")
     summary = {
         "strategy": config.strategy, "ranks": config.world_size, "device": config.device.value,
         "seconds": {**session.timings.stages, "total": round(time.monotonic() - t0, 4)},
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=1024)
     gen.add_argument("--num-frames", type=int, default=1, help="frames for a video family (Wan: 4k+1)")
     gen.add_argument("--out", required=True, help="folder for the PNGs")
-    gen.add_argument("--save-latents", action="store_true", help="also write latents.pt")
+    gen.add_argument("--save-tensors", action="store_true",
+                     help="also write tensors.pt: the latents and the float images before PNG rounding")
     add_parallel_args(gen)
     gen.set_defaults(func=cmd_generate)
 

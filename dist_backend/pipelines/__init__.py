@@ -12,7 +12,7 @@ import logging
 import struct
 from pathlib import Path
 
-from dist_backend.errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ PIPELINE_CLASSES: dict[Family, tuple[str, ...]] = {
 }
 
 _ADAPTERS = {
-    Family.FLUX: ("dist_backend.pipelines.flux", "FluxAdapter"),
-    Family.QWENIMAGE: ("dist_backend.pipelines.qwenimage", "QwenImageAdapter"),
-    Family.WAN: ("dist_backend.pipelines.wan", "WanAdapter"),
+    Family.FLUX: (".flux", "FluxAdapter"),
+    Family.QWENIMAGE: (".qwenimage", "QwenImageAdapter"),
+    Family.WAN: (".wan", "WanAdapter"),
 }
 
 # Files whose json describes a component, in the order we look for them.
@@ -67,7 +67,7 @@ def adapter_for(family: Family | str):
             f"unknown family {family!r}; choose one of {', '.join(f.value for f in Family)}"
         ) from None
     module_name, class_name = _ADAPTERS[fam]
-    return getattr(importlib.import_module(module_name), class_name)()
+    return getattr(importlib.import_module(module_name, __name__), class_name)()
 
 
 def read_model_config(model_dir: str | Path) -> dict:

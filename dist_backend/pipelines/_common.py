@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dist_backend.errors import ConfigError, ModelError
-from dist_backend.pipelines.base import ImageRequest, StepCallback
+from ..errors import ConfigError, ModelError
+from .base import ImageRequest, StepCallback
 
 
 def nearest_multiple(value: int, multiple: int, *, offset: int = 0) -> int:

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from dist_backend.pipelines import PIPELINE_CLASSES, Family
-from dist_backend.pipelines._common import (
+from . import PIPELINE_CLASSES, Family
+from ._common import (
     check_multiple, check_single_frame, component_config, cpu_generator, step_callback, to_cpu, to_device,
 )
-from dist_backend.pipelines.base import FamilyAdapter, ImageRequest, StepCallback
+from .base import FamilyAdapter, ImageRequest, StepCallback
 
 # QwenImagePipeline.__call__'s max_sequence_length default: the text embeddings are cut to this length.
 _MAX_SEQUENCE_LENGTH = 512

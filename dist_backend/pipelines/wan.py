@@ -19,12 +19,12 @@ import math
 
 import torch
 
-from dist_backend.errors import ConfigError
-from dist_backend.pipelines import PIPELINE_CLASSES, Family
-from dist_backend.pipelines._common import (
+from ..errors import ConfigError
+from . import PIPELINE_CLASSES, Family
+from ._common import (
     check_multiple, component_config, cpu_generator, nearest_multiple, step_callback, text_length_cap, to_cpu,
 )
-from dist_backend.pipelines.base import FamilyAdapter, ImageRequest, StepCallback
+from .base import FamilyAdapter, ImageRequest, StepCallback
 
 # WanPipeline.__call__'s max_sequence_length default.
 _UMT5_DEFAULT_LENGTH = 512

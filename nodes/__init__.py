@@ -1,0 +1,1 @@
+"""ComfyUI glue only: one node per file. The engine lives in dist_backend."""

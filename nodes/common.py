@@ -1,0 +1,93 @@
+"""What the nodes share: socket type names, the pipeline handle, and ComfyUI hooks resolved at call time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+CATEGORY = "DistDiff"
+PIPELINE = "DISTDIFF_PIPELINE"
+CONDITIONING = "DISTDIFF_CONDITIONING"
+MODEL_FOLDER = "diffusers"  # ComfyUI's models/diffusers; registered by us when a ComfyUI version lacks it
+
+
+@dataclass(frozen=True)
+class PipelineHandle:
+    """What flows on a DISTDIFF_PIPELINE socket: no tensors, no processes, just what identifies the sidecar.
+    Downstream nodes ask the engine for the live session of `config` (restarting it if it died), so a cached
+    handle can never point at a dead or replaced sidecar."""
+
+    config: object  # dist_backend.config.SessionConfig
+    model_dir: str
+    family: str
+
+    def session(self):
+        from ..dist_backend.session import get_session
+
+        session = get_session(self.config)
+        session.load(self.model_dir)  # no-op when this model is already loaded
+        return session
+
+
+def model_folders() -> list[str]:
+    import folder_paths
+
+    if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+    return list(folder_paths.get_folder_paths(MODEL_FOLDER))
+
+
+def list_models() -> list[str]:
+    """Sub-folders of every models/diffusers path that hold a diffusers pipeline (model_index.json)."""
+    names = set()
+    for root in model_folders():
+        if os.path.isdir(root):
+            for entry in os.listdir(root):
+                if os.path.isfile(os.path.join(root, entry, "model_index.json")):
+                    names.add(entry)
+    return sorted(names)
+
+
+def resolve_model(name: str, path: str) -> str:
+    """An absolute `path` wins; otherwise `name` inside one of the models/diffusers folders."""
+    from ..dist_backend.errors import ModelError
+
+    if path.strip():
+        return os.path.abspath(os.path.expanduser(path.strip()))
+    for root in model_folders():
+        candidate = os.path.join(root, name)
+        if os.path.isdir(candidate):
+            return candidate
+    raise ModelError(f"model {name!r} is not in any models/{MODEL_FOLDER} folder ({', '.join(model_folders())}); "
+                     "put the diffusers folder there or give its absolute path in model_path")
+
+
+def comfy_progress(total_hint: int):
+    """A callable (done, total) that moves ComfyUI's progress bar of the running node."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(max(1, total_hint))
+
+    def update(done: int, total: int) -> None:
+        bar.update_absolute(done, total)
+
+    return update
+
+
+def comfy_should_cancel():
+    import comfy.model_management
+
+    return comfy.model_management.processing_interrupted
+
+
+def run_cancellable(fn):
+    """Run an engine call; turn our Cancelled into ComfyUI's own interrupt so the queue goes on normally."""
+    from ..dist_backend.errors import Cancelled
+
+    try:
+        return fn()
+    except Cancelled:
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise

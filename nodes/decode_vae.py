@@ -1,0 +1,26 @@
+"""DecodeVAE: LATENT -> IMAGE ([B, H, W, 3] float32 in 0..1) on the ranks, for SaveImage/PreviewImage."""
+
+from __future__ import annotations
+
+from .common import CATEGORY, PIPELINE, comfy_should_cancel, run_cancellable
+
+
+class DecodeVAE:
+    DESCRIPTION = "Decodes latents with the pipeline's VAE on the ranks (batch split over them). Video: frames in order."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pipeline": (PIPELINE, {"tooltip": "From LoadSharded (the pipeline that made the latents)."}),
+                "samples": ("LATENT", {"tooltip": "Unpacked latents, e.g. from ParallelDenoise."}),
+            },
+        }
+
+    def decode(self, pipeline, samples):
+        session = pipeline.session()
+        images = run_cancellable(lambda: session.decode(samples["samples"], should_cancel=comfy_should_cancel()))
+        return (images,)

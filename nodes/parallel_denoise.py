@@ -1,0 +1,44 @@
+"""ParallelDenoise: embeddings -> ComfyUI LATENT, on all ranks, with per-step progress and Cancel."""
+
+from __future__ import annotations
+
+from .common import CATEGORY, CONDITIONING, PIPELINE, comfy_progress, comfy_should_cancel, run_cancellable
+
+
+class ParallelDenoise:
+    DESCRIPTION = ("Denoises images × prompts on the ranks: data parallel splits images between groups, context "
+                   "parallel splits each image's tokens. Image j (prompt-major) uses seed + j, so results equal the "
+                   "plain diffusers pipeline with that seed. Output is an unpacked LATENT.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "denoise"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pipeline": (PIPELINE, {"tooltip": "From LoadSharded."}),
+                "conditioning": (CONDITIONING, {"tooltip": "From EncodeOnGPUs (same pipeline)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Image j (prompt-major) uses seed + j with torch.Generator('cpu')."}),
+                "images_per_prompt": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images for each prompt."}),
+                "steps": ("INT", {"default": 28, "min": 1, "max": 1000, "tooltip": "Denoise steps."}),
+                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                                       "tooltip": "Flux: embedded guidance; Qwen-Image: true CFG scale; Wan: CFG scale."}),
+                "width": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 16, "tooltip": "Width in pixels."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 16, "tooltip": "Height in pixels."}),
+            },
+            "optional": {
+                "num_frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4,
+                                       "tooltip": "Video families (Wan): frames, 4k+1. Ignored (must be 1) for images."}),
+            },
+        }
+
+    def denoise(self, pipeline, conditioning, seed, images_per_prompt, steps, guidance, width, height, num_frames=1):
+        session = pipeline.session()
+        total = len(conditioning.prompts) * images_per_prompt * steps
+        latents = run_cancellable(lambda: session.denoise(
+            conditioning, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
+            images_per_prompt=images_per_prompt, num_frames=num_frames,
+            on_progress=comfy_progress(total), should_cancel=comfy_should_cancel()))
+        return ({"samples": latents},)

@@ -1,0 +1,30 @@
+"""ReleaseGPUs: stop the rank sidecar and free every GPU it holds (ComfyUI has no hook for packs to do this)."""
+
+from __future__ import annotations
+
+from .common import CATEGORY
+
+
+class ReleaseGPUs:
+    DESCRIPTION = ("Stops the DistDiff rank processes and frees their GPUs. The next LoadSharded run starts them "
+                   "again. Also available as POST /distdiff/release.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    FUNCTION = "release"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "optional": {
+            "after": ("*", {"tooltip": "Optional: connect any output to release only after that node ran."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # always run when queued
+
+    def release(self, after=None):
+        from ..dist_backend.session import shutdown_all
+
+        shutdown_all()
+        return {}

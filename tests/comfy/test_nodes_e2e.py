@@ -1,0 +1,196 @@
+"""Our nodes on a real ComfyUI host: every API example workflow runs and its PNG equals the CLI's PNG for the
+same settings; progress arrives during ParallelDenoise; interrupt stops the ranks and the queue goes on; a second
+run reuses the sidecar; bad input comes back as ComfyUI's execution_error with our message; shutting ComfyUI
+down stops every rank."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from harness import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))
+from tests.helpers import rank_processes, wait_no_ranks  # noqa: E402
+
+EXAMPLES = REPO_ROOT / "example_workflows"
+API_FILES = sorted(EXAMPLES.glob("*.api.json"))
+TINY_NAME = "distdiff-tiny-flux"
+pytestmark = pytest.mark.keeps_ranks  # the module's ComfyUI keeps its sidecar up between tests, on purpose
+NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs")
+
+
+@pytest.fixture(scope="module")
+def models_root(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusers-models")
+    (root / TINY_NAME).symlink_to(tiny_dirs["flux"], target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(comfy_module_server_factory, models_root):
+    srv = comfy_module_server_factory(model_paths={"diffusers": [str(models_root)]})
+    yield srv
+    # ComfyUI's own release route, then the server stops at module teardown; no rank may survive either.
+    srv._http("POST", "/distdiff/release", {})
+    assert not wait_no_ranks(), "ranks left after /distdiff/release"
+
+
+def load(name: str) -> dict:
+    return json.loads((EXAMPLES / name).read_text())
+
+
+def node_id(prompt: dict, class_type: str) -> str:
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def output_pixels(server, prompt_id: str) -> list[np.ndarray]:
+    from PIL import Image
+
+    outputs = server.history(prompt_id)["outputs"]
+    images = [img for out in outputs.values() for img in out.get("images", [])]
+    return [np.asarray(Image.open(io.BytesIO(server.view(i["filename"], i["subfolder"], i["type"]))))
+            for i in images]
+
+
+def cli_pixels(prompt: dict, model_dir: Path, out: Path) -> list[np.ndarray]:
+    """The CLI run with the workflow's settings (the contract: the node graph and the CLI agree), as ComfyUI's
+    SaveImage would write it. SaveImage truncates (uint8(255 × x)) where the CLI's PNGs round like diffusers
+    (round(255 × x)), so the comparison uses the CLI's float images, saved next to its PNGs."""
+    import torch
+
+    load_in = prompt[node_id(prompt, "LoadSharded")]["inputs"]
+    den = prompt[node_id(prompt, "ParallelDenoise")]["inputs"]
+    prompts = [p.strip() for p in prompt[node_id(prompt, "EncodeOnGPUs")]["inputs"]["prompt"].splitlines() if p.strip()]
+    cmd = [sys.executable, "-m", "dist_backend", "generate", "--model", str(model_dir), "--out", str(out),
+           "--seed", str(den["seed"]), "--steps", str(den["steps"]), "--guidance", str(den["guidance"]),
+           "--height", str(den["height"]), "--width", str(den["width"]),
+           "--images-per-prompt", str(den["images_per_prompt"]),
+           "--world-size", str(load_in["ranks"]), "--dp", str(load_in["dp"]), "--ring", str(load_in["ring"]),
+           "--ulysses", str(load_in["ulysses"]), "--dtype", load_in["dtype"], "--device", load_in["device"],
+           "--offload", load_in["offload"], "--save-tensors"]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    images = torch.load(out / "tensors.pt")["images"].numpy()
+    assert len(summary["images"]) == images.shape[0]
+    return [np.clip(255.0 * image, 0, 255).astype(np.uint8) for image in images]
+
+
+def test_nodes_are_registered_with_tooltips_and_descriptions(server):
+    info = server.object_info()
+    for node in NODE_TYPES:
+        assert node in info, f"{node} missing: the pack did not load (see the server log)"
+        spec = info[node]
+        assert spec["category"] == "DistDiff"
+        assert spec["display_name"].endswith("(DistDiff)")
+        assert spec["description"]
+        for group in ("required", "optional"):
+            for name, value in spec["input"].get(group, {}).items():
+                assert len(value) > 1 and value[1].get("tooltip"), f"{node}.{name} has no tooltip"
+    assert TINY_NAME in info["LoadSharded"]["input"]["required"]["model"][0]
+
+
+@pytest.mark.parametrize("api_file", API_FILES, ids=[p.name.split(".")[0] for p in API_FILES])
+def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, tmp_path):
+    prompt = load(api_file.name)
+    prompt_id, events = server.run(prompt, timeout=240)
+    kinds = [e["type"] for e in events]
+    assert "execution_error" not in kinds, next(e for e in events if e["type"] == "execution_error")
+    denoise = node_id(prompt, "ParallelDenoise")
+    progress = [e["data"] for e in events if e["type"] == "progress" and e["data"].get("node") == denoise]
+    steps = prompt[denoise]["inputs"]["steps"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"], "ParallelDenoise sent no per-step progress"
+    assert len(progress) >= steps  # one message per step at least
+    got = output_pixels(server, prompt_id)
+    want = cli_pixels(prompt, tiny_dirs["flux"], tmp_path / "cli")
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert g.shape == w.shape == (64, 64, 3)
+        assert np.array_equal(g, w), f"{api_file.name}: ComfyUI PNG differs from the CLI PNG"
+
+
+def _ranks_of(server) -> set[int]:
+    return {p.pid for p in rank_processes()}
+
+
+def test_second_run_reuses_the_sidecar(server):
+    prompt = load("ulysses.api.json")
+    server.run(prompt, timeout=120)
+    before = _ranks_of(server)
+    again = copy.deepcopy(prompt)
+    again[node_id(again, "ParallelDenoise")]["inputs"]["seed"] = 43  # new work, same pipeline
+    _, events = server.run(again, timeout=120)
+    assert "execution_error" not in [e["type"] for e in events]
+    assert before and _ranks_of(server) == before, "a second run must not start new rank processes"
+
+
+def test_interrupt_stops_every_rank_and_the_queue_goes_on(server):
+    long = load("ulysses.api.json")
+    long[node_id(long, "ParallelDenoise")]["inputs"]["steps"] = 1000
+    prompt_id = server.queue(long)
+    server.wait_event(prompt_id, "progress", timeout=120)
+    t0 = time.monotonic()
+    assert server.interrupt() == 200
+    events = server.wait(prompt_id, timeout=60)
+    stopped = time.monotonic() - t0
+    assert "execution_interrupted" in [e["type"] for e in events], [e["type"] for e in events]
+    print(f"\n[measured] interrupt -> execution_interrupted in {stopped:.2f} s")
+    ranks = [psutil.Process(pid) for pid in _ranks_of(server)]
+    for proc in ranks:
+        proc.cpu_percent(None)
+    time.sleep(1.0)
+    busy = {proc.pid: proc.cpu_percent(None) for proc in ranks}
+    assert all(v < 50 for v in busy.values()), f"ranks still computing after interrupt: {busy}"
+    _, events = server.run(load("ulysses.api.json"), timeout=120)  # the next prompt runs normally
+    assert "execution_error" not in [e["type"] for e in events]
+
+
+def test_bad_input_returns_execution_error_with_our_message(server):
+    bad = load("ulysses.api.json")
+    bad[node_id(bad, "LoadSharded")]["inputs"]["ranks"] = 3
+    prompt_id = server.queue(bad)
+    events = server.wait(prompt_id, timeout=60)
+    errors = [e["data"] for e in events if e["type"] == "execution_error"]
+    assert errors, [e["type"] for e in events]
+    assert errors[0]["node_type"] == "LoadSharded"
+    assert "world_size (3) is not divisible by ring (1) × ulysses (2) = 2" in errors[0]["exception_message"]
+
+
+def test_a_killed_rank_shows_as_the_node_error_and_the_next_prompt_runs(server):
+    long = load("data_parallel.api.json")
+    long[node_id(long, "ParallelDenoise")]["inputs"]["steps"] = 1000
+    prompt_id = server.queue(long)
+    server.wait_event(prompt_id, "progress", timeout=120)
+    victim = max(_ranks_of(server))
+    os.kill(victim, signal.SIGKILL)
+    events = server.wait(prompt_id, timeout=60)
+    errors = [e["data"] for e in events if e["type"] == "execution_error"]
+    assert errors and "died" in errors[0]["exception_message"] and "rank" in errors[0]["exception_message"]
+    _, events = server.run(load("data_parallel.api.json"), timeout=180)
+    assert "execution_error" not in [e["type"] for e in events], "the next prompt must start a fresh sidecar"
+    assert victim not in _ranks_of(server)
+
+
+@pytest.mark.keeps_ranks
+def test_comfyui_shutdown_stops_every_rank(comfy_server_factory, models_root):
+    others = {p.pid for p in rank_processes()}  # the module server's sidecar is not this test's
+    srv = comfy_server_factory(model_paths={"diffusers": [str(models_root)]})
+    srv.run(load("ulysses.api.json"), timeout=120)
+    ranks = [p for p in rank_processes() if p.pid not in others]
+    assert len(ranks) == 2
+    srv.stop()
+    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, f"ranks outlived ComfyUI: {[p.pid for p in alive]}"
