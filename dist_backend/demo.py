@@ -26,7 +26,8 @@ def reference_latents(model_dir: Path, prompts: tuple[str, ...], *, seed: int, s
     from .pipelines.base import ImageRequest
 
     adapter = adapter_for(read_model_config(str(model_dir))["family"])
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
     out = []
     for j, prompt in enumerate(prompts):
         request = ImageRequest(seed=seed + j, steps=steps, guidance=guidance, height=height, width=width)
