@@ -24,6 +24,15 @@ def check_multiple(name: str, value: int, multiple: int, *, why: str) -> None:
     )
 
 
+def check_packed_image_size(family: str, *, vae_scale: int, height: int, width: int, num_frames: int) -> None:
+    """Image families whose latents are packed 2×2 into tokens (Flux, Qwen-Image): sizes must be multiples of
+    vae_scale × 2, and there is one frame."""
+    why = f"VAE scale factor {vae_scale} x 2x2 latent packing"
+    check_multiple("height", height, vae_scale * 2, why=why)
+    check_multiple("width", width, vae_scale * 2, why=why)
+    check_single_frame(family, num_frames)
+
+
 def check_single_frame(family: str, num_frames: int) -> None:
     if num_frames != 1:
         raise ConfigError(f"num_frames {num_frames} is not supported: {family} makes still images; use num_frames 1")

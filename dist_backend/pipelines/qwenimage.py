@@ -25,7 +25,7 @@ import torch
 
 from . import PIPELINE_CLASSES, Family
 from ._common import (
-    check_multiple, check_single_frame, component_config, cpu_generator, step_callback, to_cpu, to_device,
+    check_packed_image_size, component_config, cpu_generator, step_callback, to_cpu, to_device,
 )
 from .base import FamilyAdapter, ImageRequest, StepCallback
 
@@ -116,11 +116,8 @@ class QwenImageAdapter(FamilyAdapter):
         return vae_scale, vae_scale * 2  # latents are packed 2x2 into tokens
 
     def check_size(self, pipe_config: dict, *, height: int, width: int, num_frames: int) -> None:
-        vae_scale, multiple = self._pixels_per_token(pipe_config)
-        why = f"VAE scale factor {vae_scale} x 2x2 latent packing"
-        check_multiple("height", height, multiple, why=why)
-        check_multiple("width", width, multiple, why=why)
-        check_single_frame(self.name, num_frames)
+        vae_scale, _ = self._pixels_per_token(pipe_config)
+        check_packed_image_size(self.name, vae_scale=vae_scale, height=height, width=width, num_frames=num_frames)
 
     def sequence_lengths(self, pipe_config: dict, cond: dict[str, torch.Tensor], *, height: int, width: int,
                          num_frames: int) -> dict[str, int]:
