@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +19,17 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
-# After one rank fails, how long the others get to reach a step boundary and answer before we call them stuck.
+# After one rank fails, how long the others get to reach a step boundary and answer before we call them stuck
+# (capped at heartbeat_timeout_s: peers of a failed rank in a CP group wait in a collective that never completes).
 FAILURE_GRACE_S = 5.0
+# After the caller cancels a stage that cannot stop midway (only denoise checks for cancel, at step boundaries), how
+# long it may still run before every rank is stopped instead. A load is cut short: a half-loaded model is worth
+# nothing and the next load starts over anyway. Encode and decode take seconds and may finish: stopping the ranks
+# would throw the loaded model away and cost a full reload. Tests lower these to exercise both outcomes.
+CANCEL_GRACE_S = {"load": 1.0}
+CANCEL_GRACE_DEFAULT_S = 30.0
+# How long a rank whose channel closed gets to be reaped, so the error can name it and its exit code or signal.
+_EXIT_WAIT_S = 2.0
 _POLL_S = 0.05
 
 
@@ -32,6 +42,7 @@ class Sidecar:
         self._launched = launcher.launch(config)
         self.broken = False
         self._closed = False
+        self._settled = True  # every rank has answered the current call (so the ranks are idle and consistent)
         self.calls = 0
 
     @property
@@ -61,33 +72,42 @@ class Sidecar:
             raise AssertionError(f"{len(payloads)} payloads for {self.config.world_size} ranks")
         call_id = next(self._ids)
         self.calls += 1
+        # Encode every frame before sending any: a payload that cannot cross must not leave some ranks mid-call.
+        frames = [protocol.encode({**payload, "op": op, "id": call_id}) for payload in payloads]
+        self._settled = False
         procs = self._launched.processes
         try:
-            for proc, payload in zip(procs, payloads):
-                proc.channel.send(protocol.encode({**payload, "op": op, "id": call_id}))
+            for proc, frame in zip(procs, frames):
+                try:
+                    proc.channel.send(frame)
+                except ChannelClosed:  # the rank died between calls
+                    self.broken = True
+                    raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
+                                   detail=proc.log_tail()) from None
             return self._collect(op, call_id, on_progress, should_cancel, stepped)
-        except (SidecarError, ProtocolError) as exc:
-            # A rank that died, hung or broke the protocol leaves the process group unusable: stop every rank
-            # now so nothing waits in a collective, and let the next call start a fresh sidecar.
-            if not isinstance(exc, RankError) or self.broken:
+        except BaseException:
+            # Whatever left a rank mid-call (a rank died, hung, broke the protocol, a stage was cut short, or the host
+            # itself was interrupted while waiting) leaves the process group unusable: stop every rank now so
+            # nothing waits in a collective, and let the next call start a fresh sidecar. Errors raised after every
+            # rank answered (a rank's exception, Cancelled at a step boundary) keep the sidecar.
+            if self.broken or not self._settled:
+                self.broken = True
                 self.close()
-            if isinstance(exc, ChannelClosed):
-                dead = next((p for p in procs if p.popen.poll() is not None), None)
-                raise RankDied(rank=dead.rank if dead else -1, phase=op,
-                               returncode=dead.popen.returncode if dead else None,
-                               detail=dead.log_tail() if dead else str(exc)) from None
             raise
 
     def _collect(self, op, call_id, on_progress, should_cancel, stepped) -> list[Any]:
         cfg = self.config
         procs = self._launched.processes
         results: dict[int, Any] = {}
-        errors: dict[int, dict] = {}
+        errors: dict[int, dict] = {}  # in arrival order: the first is the root cause, later ones its consequences
         progress: dict[int, tuple[int, int]] = {}
         start = time.monotonic()
         last_heard = {p.rank: start for p in procs}
         cancel_sent = False
-        failure_at: float | None = None
+        failure_at: float | None = None  # when the first error arrived
+        cancelled_at: float | None = None  # when the caller's should_cancel first said True
+        failure_grace = min(FAILURE_GRACE_S, cfg.heartbeat_timeout_s)
+        cancel_grace = CANCEL_GRACE_S.get(op, CANCEL_GRACE_DEFAULT_S)
         # An exception raised by the caller's own hooks (ComfyUI's progress bar raises its interrupt exception
         # from update_absolute) must not leave ranks mid-call: cancel them, wait until all stopped, then re-raise.
         hook_error: BaseException | None = None
@@ -100,24 +120,31 @@ class Sidecar:
                         wants_cancel = bool(should_cancel())
                     except BaseException as exc:  # noqa: BLE001 - re-raised once the ranks have stopped
                         hook_error, wants_cancel = exc, True
+                    if wants_cancel and hook_error is None:
+                        cancelled_at = now
                 if wants_cancel:
                     self._send_cancel(call_id)
                     cancel_sent = True
-                    failure_at = now if errors else None
             pending = [p for p in procs if p.rank not in results and p.rank not in errors]
             for proc in pending:
                 code = proc.popen.poll()
                 if code is not None:
                     self.broken = True
                     raise RankDied(rank=proc.rank, phase=op, returncode=code, detail=proc.log_tail())
-            if failure_at is not None and now - failure_at > FAILURE_GRACE_S:
+            if failure_at is not None and now - failure_at > failure_grace:
                 # The other ranks did not reach a step boundary: they wait in a collective for the failed one.
                 self.broken = True
-                raise self._remote_error(min(errors), errors[min(errors)])
+                raise self._first_error(op, errors)
+            if cancelled_at is not None and not stepped and now - cancelled_at > cancel_grace:
+                self.broken = True
+                raise Cancelled(f"{op} cancelled; it was still running {cancel_grace:g} s after the request, so every "
+                                "rank was stopped (the next call starts a fresh sidecar and reloads the model)")
             if now - start > cfg.call_timeout_s:
                 self.broken = True
                 raise RankTimeout(rank=pending[0].rank, phase=op, seconds=cfg.call_timeout_s, setting="call_timeout_s")
-            if stepped:
+            # Silence after an error is its consequence (CP peers wait in a collective for the failed rank), so the
+            # heartbeat only judges calls without errors; the failure grace above bounds the rest.
+            if stepped and not errors:
                 silent = min(pending, key=lambda p: last_heard[p.rank])
                 if now - last_heard[silent.rank] > cfg.heartbeat_timeout_s:
                     self.broken = True
@@ -127,10 +154,20 @@ class Sidecar:
             for proc in pending:
                 if proc.channel not in ready:
                     continue
-                message = protocol.decode(proc.channel.recv(timeout=cfg.heartbeat_timeout_s))
+                try:
+                    frame = proc.channel.recv(timeout=cfg.heartbeat_timeout_s)
+                except ChannelClosed:
+                    # The channel closes as the process exits, a moment before it can be reaped: wait for the exit
+                    # so the error names this rank and how it ended.
+                    self.broken = True
+                    raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
+                                   detail=proc.log_tail()) from None
+                message = protocol.decode(frame)
                 last_heard[proc.rank] = time.monotonic()
                 if not isinstance(message, dict) or message.get("id") != call_id:
                     raise ProtocolError(f"rank {proc.rank} sent an unexpected message during {op}")
+                if message.get("event") == "heartbeat":
+                    continue  # a CP non-leader's step: alive, but its progress is its leader's
                 if message.get("event") == "progress":
                     progress[proc.rank] = (int(message["done"]), int(message["total"]))
                     if on_progress is not None and hook_error is None:
@@ -142,15 +179,26 @@ class Sidecar:
                     results[proc.rank] = message.get("result")
                 else:
                     errors[proc.rank] = message.get("error") or {}
+                    if failure_at is None:
+                        failure_at = time.monotonic()
+        self._settled = True
         if hook_error is not None:
             raise hook_error
         if errors:
-            types = {e.get("type") for e in errors.values()}
-            if types == {"Cancelled"}:
-                raise Cancelled(f"{op} cancelled; every rank stopped at the same step")
-            first = min((r for r, e in errors.items() if e.get("type") != "Cancelled"), default=min(errors))
-            raise self._remote_error(first, errors[first])
+            raise self._first_error(op, errors)
+        if cancelled_at is not None:
+            # The call finished before it could stop (a stage without step boundaries, or the last step): the ranks
+            # are idle and hold a complete result, but the caller asked to stop, so it gets Cancelled, not a result.
+            raise Cancelled(f"{op} cancelled; every rank finished the stage and is idle")
         return [results[p.rank] for p in procs]
+
+    def _first_error(self, op: str, errors: dict[int, dict]) -> Exception:
+        """The one error to raise: the first real failure to arrive (a rank's peers that waited for it may report
+        their own timeouts later), or Cancelled when every rank that answered stopped on request."""
+        real = [r for r, e in errors.items() if e.get("type") != "Cancelled"]
+        if not real:
+            return Cancelled(f"{op} cancelled; every rank stopped at the same step")
+        return self._remote_error(real[0], errors[real[0]])
 
     def _remote_error(self, rank: int, error: dict) -> Exception:
         exc_type = str(error.get("type", "Exception"))
@@ -184,13 +232,23 @@ class Sidecar:
                     proc.channel.send(protocol.encode({"op": "shutdown", "id": 0}))
                 except ChannelClosed:
                     pass
-        launcher.stop(launched, grace_s=5.0)
+        # A broken sidecar's ranks are stuck or half-way through a call: waiting long for them gains nothing.
+        # Logs of a failed sidecar stay on disk (errors point at them); a clean close removes them.
+        failed = self.broken or any(p.popen.poll() not in (None, 0) for p in launched.processes)
+        launcher.stop(launched, grace_s=1.0 if self.broken else 5.0, remove_logs=not failed)
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         try:
             self.close()
         except Exception:
             pass
+
+
+def _wait_exit(popen: subprocess.Popen, seconds: float) -> int | None:
+    try:
+        return popen.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _select(channels, timeout: float):

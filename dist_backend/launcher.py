@@ -2,13 +2,16 @@
 
 Ranks start as `python -m dist_backend.worker` with the package's parent folder on PYTHONPATH: ComfyUI imports
 this pack under a path-derived module name, so nothing of ours could be unpickled in a multiprocessing child.
-The session secret travels in the child's environment (readable only by the same user), never on a command line.
+The session secret travels in a file readable only by its owner (0600, in a 0700 folder), removed once every rank
+is in; ranks get only its path, so it is on no command line and in no environment block.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,7 +62,7 @@ def _free_port(host: str) -> int:
 def launch(config: SessionConfig) -> Launched:
     """Start every rank and wait until all are connected, authenticated and in the process group."""
     from .worker import (ENV_CONFIG, ENV_HOST_ADDR, ENV_HOST_PORT, ENV_MASTER_PORT, ENV_PARENT_PID, ENV_RANK,
-                         ENV_SECRET)
+                         ENV_SECRET_FILE)
 
     t0 = time.monotonic()
     secret = new_secret()
@@ -70,7 +73,7 @@ def launch(config: SessionConfig) -> Launched:
     base_env.update(dict(config.env))
     base_env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, base_env.get("PYTHONPATH", "")) if p)
     base_env.update({
-        ENV_SECRET: secret.hex(),
+        ENV_SECRET_FILE: str(_write_secret(log_dir / "secret", secret)),
         ENV_CONFIG: config.to_json(),
         ENV_HOST_ADDR: listener.address[0],
         ENV_HOST_PORT: str(listener.address[1]),
@@ -80,6 +83,11 @@ def launch(config: SessionConfig) -> Launched:
         # One process per rank already: keep each rank's own thread pools to its share of the cores.
         "OMP_NUM_THREADS": str(config.rank_threads()),
     })
+    if _is_loopback(config.host) and sys.platform.startswith("linux"):
+        # gloo binds its pair sockets to the address the hostname resolves to, NCCL its bootstrap and proxy sockets
+        # to the first network interface (seen on the H100 machine): keep them on loopback like everything else of
+        # a single-machine sidecar, unless the user chose. NCCL moves data over P2P/NVLink/SHM on one machine.
+        base_env.setdefault("GLOO_SOCKET_IFNAME" if config.device.value == "cpu" else "NCCL_SOCKET_IFNAME", "lo")
     processes: list[RankProcess] = []
     launched = Launched(processes=processes, listener=listener, log_dir=log_dir)
     try:
@@ -97,6 +105,12 @@ def launch(config: SessionConfig) -> Launched:
     except BaseException:
         stop(launched, grace_s=2.0)
         raise
+    finally:
+        # Every rank is in (or start-up failed): nobody may connect any more, so stop listening. A late connect is
+        # then refused by the OS, and no byte from it is ever read; a listener kept open would queue connections in
+        # its backlog (no one accepts them) or need a thread that parses hostile handshakes for the sidecar's life.
+        listener.close()
+        (log_dir / "secret").unlink(missing_ok=True)
     del secret
     launched.started_s = time.monotonic() - t0
     return launched
@@ -136,6 +150,21 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig) -> None
                     break
 
 
+def _write_secret(path: Path, secret: bytes) -> Path:
+    """Create `path` with mode 0600 from the start (no window with wider rights) and write the secret in hex."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secret.hex())
+    return path
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _check_alive(processes: list[RankProcess], *, phase: str) -> None:
     for proc in processes:
         code = proc.popen.poll()
@@ -144,7 +173,7 @@ def _check_alive(processes: list[RankProcess], *, phase: str) -> None:
                            detail=f"its log ({proc.log_path}) ends with:\n{proc.log_tail()}")
 
 
-def stop(launched: Launched, *, grace_s: float = 5.0) -> None:
+def stop(launched: Launched, *, grace_s: float = 5.0, remove_logs: bool = False) -> None:
     """Stop every rank: close channels (ranks exit on EOF), then SIGTERM, then SIGKILL; reap all."""
     for proc in launched.processes:
         if proc.channel is not None:
@@ -158,10 +187,14 @@ def stop(launched: Launched, *, grace_s: float = 5.0) -> None:
         for proc in alive:
             try:
                 os.killpg(proc.popen.pid, sig)
+                if sig == signal.SIGTERM:  # a stopped (SIGSTOP) rank acts on SIGTERM only once resumed
+                    os.killpg(proc.popen.pid, signal.SIGCONT)
             except (ProcessLookupError, PermissionError):
                 pass
         _wait_all(alive, grace_s if sig == signal.SIGTERM else 10.0)
     launched.listener.close()
+    if remove_logs:
+        shutil.rmtree(launched.log_dir, ignore_errors=True)
 
 
 def _wait_all(processes: list[RankProcess], seconds: float) -> None:

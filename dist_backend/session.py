@@ -90,8 +90,9 @@ class Session:
         return [payload] * self.config.world_size
 
     # -- stages ------------------------------------------------------------------------------------------------
-    def load(self, model_dir: str | Path) -> dict[str, Any]:
-        """Check the model folder on the host, then load it on every rank (components per the offload policy)."""
+    def load(self, model_dir: str | Path, *, should_cancel: CancelFn | None = None) -> dict[str, Any]:
+        """Check the model folder on the host, then load it on every rank (components per the offload policy).
+        A load cannot stop midway: cancelling it stops the ranks (see driver.CANCEL_GRACE_S)."""
         from .pipelines import read_model_config
         from .strategies.cp_checks import check_cp_supported
 
@@ -112,7 +113,10 @@ class Session:
             sidecar = self.sidecar
             t0 = time.monotonic()
             if self._model_dir != model_dir:
-                sidecar.call("load", self._same({"model_dir": model_dir}))
+                # The ranks drop the old model before loading the new one, so after any failure (or cancel) the
+                # session holds no model: nothing half-loaded is ever used, and a restart does not reload it.
+                self._model_dir = self._model_info = None
+                sidecar.call("load", self._same({"model_dir": model_dir}), should_cancel=should_cancel)
                 self._model_dir, self._model_info = model_dir, info
             self.timings.add("load", time.monotonic() - t0)
         return info
@@ -120,11 +124,7 @@ class Session:
     def encode(self, prompts: list[str] | tuple[str, ...] | str, negative_prompt: str | None = None, *,
                should_cancel: CancelFn | None = None) -> Conditioning:
         """Prompts -> embeddings on the host. Prompts are split over all ranks in contiguous blocks."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ConfigError("prompts is empty; give at least one prompt (one per line in the node)")
-        if not all(isinstance(p, str) for p in prompts):
-            raise ConfigError("every prompt must be a string")
+        prompts = _prompt_list(prompts)
         self._require_model()
         world = self.config.world_size
         payloads = []
@@ -194,7 +194,13 @@ class Session:
                  num_frames: int = 1, on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All four stages. Returns (latents, images)."""
-        self.load(model_dir)
+        from .pipelines import read_model_config
+
+        # Everything knowable from the arguments and the folder's configs is refused before any rank starts.
+        prompts = _prompt_list(prompts)
+        check_request(read_model_config(model_dir), steps=steps, height=height, width=width,
+                      images_per_prompt=images_per_prompt, num_frames=num_frames, seed=seed)
+        self.load(model_dir, should_cancel=should_cancel)
         cond = self.encode(prompts, negative_prompt, should_cancel=should_cancel)
         latents = self.denoise(cond, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
                                images_per_prompt=images_per_prompt, num_frames=num_frames,
@@ -231,20 +237,37 @@ class Session:
         if cond.model_dir != self._model_dir:
             raise ConfigError(f"conditioning was encoded for {cond.model_dir}, but this session has {self._model_dir} "
                               "loaded; encode the prompts again with this pipeline")
-        for name, value, low in (("steps", steps, 1), ("images_per_prompt", images_per_prompt, 1),
-                                 ("num_frames", num_frames, 1), ("height", height, 1), ("width", width, 1)):
-            if type(value) is not int or value < low:
-                raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
-        if type(seed) is not int or seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        check_request(self._model_info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
+                      num_frames=num_frames, seed=seed)
         adapter = adapter_for(self._model_info["family"])
-        adapter.check_size(self._model_info, height=height, width=width, num_frames=num_frames)
         if self.config.cp_degree > 1:
             for index, embeds in enumerate(cond.embeds):
                 lengths = adapter.sequence_lengths(self._model_info, embeds, height=height, width=width,
                                                    num_frames=num_frames)
                 check_sequences(lengths, ring=self.config.ring, ulysses=self.config.ulysses,
                                 uses_mask=adapter.uses_attention_mask(embeds), what=f"prompt {index}")
+
+
+def _prompt_list(prompts: list[str] | tuple[str, ...] | str) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ConfigError("prompts is empty; give at least one prompt (one per line in the node)")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("every prompt must be a string")
+    return prompts
+
+
+def check_request(info: dict[str, Any], *, steps, height, width, images_per_prompt, num_frames, seed) -> None:
+    """The denoise arguments against the model's configs (`pipelines.read_model_config`); needs no rank."""
+    from .pipelines import adapter_for
+
+    for name, value, low in (("steps", steps, 1), ("images_per_prompt", images_per_prompt, 1),
+                             ("num_frames", num_frames, 1), ("height", height, 1), ("width", width, 1)):
+        if type(value) is not int or value < low:
+            raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    if type(seed) is not int or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    adapter_for(info["family"]).check_size(info, height=height, width=width, num_frames=num_frames)
 
 
 # -- one live sidecar per process ------------------------------------------------------------------------------

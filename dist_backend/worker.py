@@ -15,7 +15,7 @@ import time
 import traceback
 from datetime import timedelta
 
-ENV_SECRET = "DISTDIFF_SECRET"
+ENV_SECRET_FILE = "DISTDIFF_SECRET_FILE"
 ENV_RANK = "DISTDIFF_RANK"
 ENV_CONFIG = "DISTDIFF_CONFIG"
 ENV_HOST_ADDR = "DISTDIFF_HOST_ADDR"
@@ -40,9 +40,32 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="distdiff-parent-watch", daemon=True).start()
 
 
+def _rendezvous_store(config, rank: int, port: int):
+    """The TCPStore the process group meets through, its server (rank 0) listening on config.host only.
+
+    `init_method="tcp://host:port"` makes torch's store server listen on every interface (`::`), and the store
+    has no authentication; binding the socket ourselves and handing it over keeps it on loopback. Its own
+    deadline is start_timeout_s: ranks start seconds apart, which must not count against the collective timeout."""
+    import socket
+
+    import torch.distributed as dist
+
+    listen_fd = None
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, port))
+        sock.listen(128)
+        listen_fd = sock.detach()  # the store's server owns the descriptor from here on
+    return dist.TCPStore(config.host, port, config.world_size, rank == 0,
+                         timedelta(seconds=config.start_timeout_s), master_listen_fd=listen_fd)
+
+
 def main() -> int:
-    # Read and drop the secret first: children of this rank (compile workers, ...) must not inherit it.
-    secret = bytes.fromhex(os.environ.pop(ENV_SECRET, ""))
+    # The secret comes in a 0600 file the host deletes once every rank is in; only its path is in our environment.
+    with open(os.environ.pop(ENV_SECRET_FILE), encoding="ascii") as f:
+        secret = bytes.fromhex(f.read().strip())
     rank = int(os.environ[ENV_RANK])
     logging.basicConfig(
         level=os.environ.get("DISTDIFF_LOG_LEVEL", "INFO"),
@@ -76,11 +99,12 @@ def main() -> int:
         backend = "gloo"
     dist.init_process_group(
         backend,
-        init_method=f"tcp://{config.host}:{os.environ[ENV_MASTER_PORT]}",
+        store=_rendezvous_store(config, rank, int(os.environ[ENV_MASTER_PORT])),
         rank=rank,
         world_size=config.world_size,
-        # A collective that waits longer than this raises instead of hanging forever.
-        timeout=timedelta(seconds=config.heartbeat_timeout_s),
+        # A collective that waits longer than this raises instead of hanging forever. Twice the heartbeat: the
+        # host notices a silent rank first and names it; a peer's collective timeout would only blame the waiter.
+        timeout=timedelta(seconds=2 * config.heartbeat_timeout_s),
         **({"device_id": device} if backend == "nccl" else {}),
     )
     from .rank_engine import RankEngine

@@ -66,3 +66,13 @@ def test_accept_has_a_deadline():
     with pytest.raises(ChannelTimeout):
         listener.accept(b"x" * 32, timeout=0.2)
     listener.close()
+
+
+def test_the_secret_file_is_owner_only_from_its_creation(tmp_path):
+    import stat
+
+    from dist_backend.launcher import _write_secret
+
+    path = _write_secret(tmp_path / "secret", b"\x01" * 32)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == "01" * 32
