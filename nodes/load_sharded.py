@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import CATEGORY, PIPELINE, PipelineHandle, list_models, resolve_model
+from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, list_models, resolve_model,
+                     run_cancellable)
 
 
 class LoadSharded:
@@ -73,5 +74,6 @@ class LoadSharded:
                                offload=offload, gpus_per_rank=gpus_per_rank, device_map=device_map,
                                max_memory=max_memory.strip(), attention_backend=attention_backend.strip())
         model_dir = resolve_model(model, model_path)
-        info = get_session(config).load(model_dir)
+        session = get_session(config)
+        info = run_cancellable(lambda: session.load(model_dir, should_cancel=comfy_should_cancel()))
         return (PipelineHandle(config=config, model_dir=model_dir, family=info["family"]),)
