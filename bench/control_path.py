@@ -4,14 +4,14 @@
 
 1. Round trip of an empty call (`Sidecar.call("ping", ...)`) to every rank of a live sidecar, world_size 1 and 2:
    p50 and p99 over --pings calls (target p50 ≤ 1 ms).
-2. Hand-off of a result batch from a rank to the host: a rank-like process started here connects with the real
-   handshake (`channel.client_connect`), answers each request with exactly the frame a rank sends
-   (`protocol.encode({"id", "ok", "result": {...}})` then `Channel.send`), and the host reads it with
-   `Channel.recv` + `protocol.decode`, as `Sidecar._collect` does. Batches: images 4 × 1024 × 1024 × 3 float32
-   (50 MB) and Flux 1024² latents 4 × 16 × 128 × 128 float32 (4 MB). Reported as GB/s over a plain memcpy of the
-   same bytes into a preallocated buffer (target ≥ 0.5×), with the pieces: encode and decode (timed here on the
-   same tensors), the socket alone (a pre-encoded frame), and a shared-memory prototype (bench-only; NOT an
-   engine path) that shows what the proposal in docs/PERFORMANCE.md would give.
+2. Hand-off of a result batch from a rank to the host: a rank-like process started here with an inherited arena
+   (as the launcher starts a rank) connects with the real handshake (`channel.client_connect`) and answers each
+   request with exactly what worker.main sends (`protocol.encode(reply, arena=arena)` then `Channel.send`); the
+   host reads it with `Channel.recv` + `protocol.decode(frame, arena=...)` as `Sidecar._collect` does, then copies
+   it with `torch.cat` as `Session` does ("engine path"). Batches: images 4 × 1024 × 1024 × 3 float32 (50 MB) and
+   Flux 1024² latents 4 × 16 × 128 × 128 float32 (4 MB). Reported as GB/s over a plain memcpy of the same bytes
+   into a preallocated buffer (target ≥ 0.5×), next to its pieces and to the same frame forced through the socket
+   (no arena: the path before the arena existed).
 
 `--profile` adds cProfile excerpts of both sides of the 50 MB hand-off (the rank side's comes back over the channel).
 """
@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import mmap
 import os
 import pstats
 import subprocess
 import sys
 import time
-import uuid
 
 import numpy as np
 import torch
@@ -37,6 +35,7 @@ from bench._common import environment, finish, median, parse_args, percentile
 NAME = "control_path"
 SHAPES = {"images": (4, 1024, 1024, 3), "latents": (4, 16, 128, 128)}
 ENV_SECRET = "DISTDIFF_BENCH_SECRET"
+ENV_ARENA_FD = "DISTDIFF_BENCH_ARENA_FD"
 
 
 # -- rank-like peer (runs as `python -m bench.control_path --peer HOST PORT`) ----------------------------------------
@@ -49,7 +48,9 @@ def peer(host: str, port: int) -> int:
     tensors = {k: torch.rand(shape, generator=gen) for k, shape in SHAPES.items()}  # a rank's finished result
     frames = {k: protocol.encode({"id": 0, "ok": True, "result": {k: t}}) for k, t in tensors.items()}
     profiler = cProfile.Profile() if "--profile" in sys.argv else None
-    arenas: dict[str, tuple[str, mmap.mmap]] = {}
+    from dist_backend.arena import Arena
+
+    arena = Arena(int(os.environ[ENV_ARENA_FD]))  # inherited from the host, exactly as a rank gets it
     while True:
         try:
             request = protocol.decode(channel.recv(timeout=None))
@@ -72,73 +73,8 @@ def peer(host: str, port: int) -> int:
                 profiler.disable()
         elif mode == "raw":  # the socket alone: the same bytes, encoded once up front
             channel.send(frames[what])
-        elif mode == "shm":  # prototype: bytes into a fresh shared-memory file, only its name over the channel
-            t = tensors[what]
-            name = f"distdiff-bench-{uuid.uuid4().hex}"
-            fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            try:
-                os.ftruncate(fd, t.nbytes)
-                with mmap.mmap(fd, t.nbytes) as mm:
-                    np.frombuffer(mm, dtype=np.uint8)[:] = t.view(-1).view(torch.uint8).numpy()
-            finally:
-                os.close(fd)
-            channel.send(protocol.encode({"id": call_id, "ok": True, "result": {
-                "shm": name, "dtype": "float32", "shape": list(t.shape)}}))
-        elif mode == "arena":  # prototype: one persistent, pre-faulted segment per rank, reused by every hand-off
-            t = tensors[what]
-            if what not in arenas:
-                name = f"distdiff-bench-arena-{uuid.uuid4().hex}"
-                fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-                os.ftruncate(fd, t.nbytes)
-                arenas[what] = (name, mmap.mmap(fd, t.nbytes))
-                os.close(fd)
-                np.frombuffer(arenas[what][1], dtype=np.uint8)[:] = 0  # fault the pages in once
-            name, mm = arenas[what]
-            t0 = time.perf_counter()
-            np.copyto(np.frombuffer(mm, dtype=np.uint8), t.view(-1).view(torch.uint8).numpy())
-            channel.send(protocol.encode({"id": call_id, "ok": True, "result": {
-                "arena": name, "dtype": "float32", "shape": list(t.shape), "copy_s": time.perf_counter() - t0}}))
-
-
-def _shm_receive(result: dict) -> torch.Tensor:
-    """Host side of the prototype: map, copy once into a tensor the host owns, unlink."""
-    path = f"/dev/shm/{result['shm']}"
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
-            out = torch.empty(result["shape"], dtype=torch.float32)
-            np.copyto(out.view(-1).view(torch.uint8).numpy(), np.frombuffer(mm, dtype=np.uint8))
-    finally:
-        os.close(fd)
-        os.unlink(path)
-    return out
-
-
-class ArenaReader:
-    """Host side of the arena prototype: each segment is mapped once; a hand-off is then a view (zero-copy, valid
-    until the rank's next result: the engine's Session already copies results with torch.cat) or one copy out."""
-
-    def __init__(self) -> None:
-        self.maps: dict[str, mmap.mmap] = {}
-        self.copy_s: list[float] = []
-
-    def view(self, result: dict) -> torch.Tensor:
-        self.copy_s.append(result["copy_s"])  # the rank's copy into the arena, timed on the rank
-        name = result["arena"]
-        if name not in self.maps:
-            fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
-            self.maps[name] = mmap.mmap(fd, os.fstat(fd).st_size)
-            os.close(fd)
-        return torch.frombuffer(self.maps[name], dtype=torch.float32).view(result["shape"])
-
-    def copy(self, result: dict) -> torch.Tensor:
-        return self.view(result).clone()
-
-    def close(self) -> None:
-        for name, mm in self.maps.items():
-            mm.close()
-            os.unlink(f"/dev/shm/{name}")
+        elif mode == "engine":  # what worker.main does today: large tensors into the rank's arena, offsets on the socket
+            channel.send(protocol.encode({"id": call_id, "ok": True, "result": {what: tensors[what]}}, arena=arena))
 
 
 # -- host ------------------------------------------------------------------------------------------------------------
@@ -165,10 +101,14 @@ def handoff(repeat: int, warmup: int, profile: bool) -> tuple[dict, str]:
     from dist_backend import protocol
     from dist_backend.channel import Listener, new_secret
 
+    from dist_backend.arena import Arena
+
     secret = new_secret()
     listener = Listener("127.0.0.1", 0)
+    arena = Arena.create("distdiff-bench")  # as the launcher does for each rank
     cmd = [sys.executable, "-m", "bench.control_path", "--peer", *map(str, listener.address)]
-    proc = subprocess.Popen(cmd + (["--profile"] if profile else []), env={**os.environ, ENV_SECRET: secret.hex()})
+    proc = subprocess.Popen(cmd + (["--profile"] if profile else []), pass_fds=(arena.fd,),
+                            env={**os.environ, ENV_SECRET: secret.hex(), ENV_ARENA_FD: str(arena.fd)})
     channel = listener.accept(secret, timeout=120)
     ids = iter(range(1, 1 << 30))
 
@@ -177,7 +117,6 @@ def handoff(repeat: int, warmup: int, profile: bool) -> tuple[dict, str]:
         return channel.recv(timeout=120)
 
     results: dict = {}
-    arena = ArenaReader()
     host_profile = cProfile.Profile() if profile else None
     gen = torch.Generator().manual_seed(1)
     for what, shape in SHAPES.items():
@@ -186,8 +125,8 @@ def handoff(repeat: int, warmup: int, profile: bool) -> tuple[dict, str]:
         dst = torch.empty_like(src)
         message = {"id": 1, "ok": True, "result": {what: src}}
         frame = protocol.encode(message)
-        def answer(mode: str) -> dict:
-            return protocol.decode(request(what, mode))["result"]
+        def engine() -> torch.Tensor:  # Sidecar._collect's decode, then Session's own copy (torch.cat)
+            return torch.cat([protocol.decode(request(what, "engine"), arena=arena)["result"][what]])
 
         sides = {
             "memcpy (preallocated)": lambda: np.copyto(dst.numpy(), src.numpy()),
@@ -195,15 +134,13 @@ def handoff(repeat: int, warmup: int, profile: bool) -> tuple[dict, str]:
             "protocol.encode": lambda: protocol.encode(message),
             "protocol.decode": lambda: protocol.decode(frame),
             "socket only (pre-encoded frame)": lambda: request(what, "raw"),
-            "rank -> host path (encode, send, recv, decode)": lambda: protocol.decode(request(what, "frame")),
-            "shm prototype: fresh file per hand-off": lambda: _shm_receive(answer("shm")),
-            "shm prototype: reused arena, host copies out": lambda: arena.copy(answer("arena")),
-            "shm prototype: reused arena, host view (0 copies)": lambda: arena.view(answer("arena")),
+            "through the socket (encode, send, recv, decode)": lambda: protocol.decode(request(what, "frame")),
+            "engine path (rank copies into its arena, host torch.cat)": engine,
         }
         times: dict[str, list[float]] = {k: [] for k in sides}
         for rep in range(warmup + repeat):
             for key, fn in sides.items():  # interleaved, so machine load hits every piece alike
-                profiling = host_profile is not None and what == "images" and key.startswith("rank") and rep >= warmup
+                profiling = host_profile is not None and what == "images" and key.startswith("engine path") and rep >= warmup
                 if profiling:
                     host_profile.enable()
                 out = None  # free the previous side's result now, not inside the next side's timing
@@ -216,9 +153,7 @@ def handoff(repeat: int, warmup: int, profile: bool) -> tuple[dict, str]:
                     times[key].append(elapsed)
             # The peer draws its own tensor, so check the last result's form, not its values.
             assert tuple(out.shape) == shape and out.dtype == torch.float32, (out.shape, out.dtype)
-        arena_copy = median(arena.copy_s[-repeat:])
-        arena.copy_s.clear()
-        results[what] = {"shape": list(shape), "nbytes": nbytes, "arena_rank_copy_s": arena_copy,
+        results[what] = {"shape": list(shape), "nbytes": nbytes,
                          "median_s": {k: median(v) for k, v in times.items()}, "times_s": times}
     channel.send(protocol.encode({"what": "", "mode": "stop", "id": 0}))
     peer_profile = protocol.decode(channel.recv(timeout=60))["result"]["profile"]
@@ -255,12 +190,10 @@ def main() -> int:
         base = gbs["memcpy (preallocated)"]
         r["GBps"] = gbs
         for key in med:
-            is_path = key.startswith("rank")
+            is_path = key.startswith("engine path")
             rows.append([f"{what} {r['nbytes'] / 1e6:.1f} MB: {key}", f"{1000 * med[key]:.2f} ms, {gbs[key]:.2f} GB/s",
                          gbs[key] / base, "≥ 0.5× memcpy" if is_path else "",
                          (gbs[key] / base >= 0.5) if is_path else ""])
-        rows.append([f"{what}: of the arena hand-off, the rank's copy into the arena",
-                     f"{1000 * r['arena_rank_copy_s']:.2f} ms", "", "", ""])
     if profile_text:
         print(profile_text)
     finish(NAME, args, env=env, headers=["measure", "value", "ratio", "target", "met"], rows=rows,

@@ -64,7 +64,8 @@ class Sidecar:
         self, op: str, payloads: list[dict[str, Any]], *, on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None, stepped: bool = False,
     ) -> list[Any]:
-        """Send `op` with payloads[r] to rank r; return every rank's result, in rank order.
+        """Send `op` with payloads[r] to rank r; return every rank's result, in rank order. Large result tensors
+        view the rank's shared arena and stay valid only until the next call: copy what you keep.
         `stepped` calls send progress after each step, so silence longer than heartbeat_timeout_s means a hang."""
         if not self.alive():
             raise SidecarError("the sidecar is not running (a rank died or it was closed); start a new session")
@@ -162,7 +163,7 @@ class Sidecar:
                     self.broken = True
                     raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
                                    detail=proc.log_tail()) from None
-                message = protocol.decode(frame)
+                message = protocol.decode(frame, arena=proc.arena)
                 last_heard[proc.rank] = time.monotonic()
                 if not isinstance(message, dict) or message.get("id") != call_id:
                     raise ProtocolError(f"rank {proc.rank} sent an unexpected message during {op}")

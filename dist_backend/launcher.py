@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import arena as arenas
+from .arena import Arena
 from .channel import Channel, ChannelTimeout, Listener, new_secret
 from .config import SessionConfig
 from .errors import RankDied, RankTimeout
@@ -36,6 +38,7 @@ class RankProcess:
     popen: subprocess.Popen
     log_path: Path
     channel: Channel | None = None
+    arena: Arena | None = None  # shared memory the rank writes large results into (see arena.py)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -62,7 +65,7 @@ def _free_port(host: str) -> int:
 def launch(config: SessionConfig) -> Launched:
     """Start every rank and wait until all are connected, authenticated and in the process group."""
     from .worker import (ENV_CONFIG, ENV_HOST_ADDR, ENV_HOST_PORT, ENV_MASTER_PORT, ENV_PARENT_PID, ENV_RANK,
-                         ENV_SECRET_FILE)
+                         ENV_SECRET_FILE, ENV_ARENA_FD)
 
     t0 = time.monotonic()
     secret = new_secret()
@@ -93,14 +96,18 @@ def launch(config: SessionConfig) -> Launched:
     try:
         for rank in range(config.world_size):
             env = dict(base_env, **{ENV_RANK: str(rank)})
+            arena = Arena.create(f"distdiff-rank{rank}") if arenas.supported() else None
+            if arena is not None:
+                env[ENV_ARENA_FD] = str(arena.fd)
             log_path = log_dir / f"rank{rank}.log"
             with open(log_path, "wb") as log_file:
                 popen = subprocess.Popen(
                     [sys.executable, "-m", "dist_backend.worker"],
                     env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                     cwd=PACKAGE_PARENT, start_new_session=True,  # our own group: we signal it, a terminal's ^C doesn't
+                    pass_fds=(arena.fd,) if arena is not None else (),
                 )
-            processes.append(RankProcess(rank=rank, popen=popen, log_path=log_path))
+            processes.append(RankProcess(rank=rank, popen=popen, log_path=log_path, arena=arena))
         _handshake(launched, secret, config)
     except BaseException:
         stop(launched, grace_s=2.0)
@@ -193,6 +200,10 @@ def stop(launched: Launched, *, grace_s: float = 5.0, remove_logs: bool = False)
                 pass
         _wait_all(alive, grace_s if sig == signal.SIGTERM else 10.0)
     launched.listener.close()
+    for proc in launched.processes:
+        if proc.arena is not None:
+            proc.arena.close()  # the kernel frees the memory once the rank's end is closed too
+            proc.arena = None
     if remove_logs:
         shutil.rmtree(launched.log_dir, ignore_errors=True)
 

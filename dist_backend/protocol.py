@@ -1,8 +1,10 @@
 """The control-message codec: builtins and CPU tensors only, never pickle.
 
 A frame is ``MAGIC | u32 header_len | header (UTF-8 JSON) | tensor bytes...``. The header holds the message with
-every tensor replaced by ``{"__t__": index}`` and a table of (dtype, shape, nbytes). Decoding checks every length
-and type before building anything, so a hostile or broken peer can only ever cause a ProtocolError.
+every tensor replaced by ``{"__t__": index}`` and a table of (dtype, shape, nbytes[, at]). A tensor of at least
+ARENA_MIN_BYTES is put in the sender's shared arena instead when one is given (``at`` = its offset there), so only
+the header crosses the socket. Decoding checks every length and type before building anything, so a hostile or
+broken peer can only ever cause a ProtocolError.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ MAGIC = b"DDF1"
 _HEAD = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 TENSOR_KEY = "__t__"
+ARENA_MIN_BYTES = 1 << 20  # below this, the copy into the frame costs less than the bookkeeping
 
 # Closed set of dtypes that may cross the channel, by name.
 _DTYPES: dict[str, torch.dtype] = {
@@ -37,8 +40,9 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def encode(message: Any) -> bytes:
-    """Message (nested dict/list/str/int/float/bool/None/CPU tensor) -> one frame."""
+def encode(message: Any, *, arena=None) -> bytes:
+    """Message (nested dict/list/str/int/float/bool/None/CPU tensor) -> one frame. With an `arena.Arena`, large
+    tensors are copied into it (once) and the frame carries their offsets."""
     tensors: list[torch.Tensor] = []
     table: list[dict[str, Any]] = []
 
@@ -68,12 +72,33 @@ def encode(message: Any) -> bytes:
         raise ProtocolError(f"type {type(obj).__name__} cannot cross the channel (builtins and CPU tensors only)")
 
     body = walk(message)
+    inline = _place_in_arena(tensors, table, arena) if arena is not None else tensors
     header = json.dumps({"m": body, "t": table}, separators=(",", ":"), allow_nan=True).encode()
     if len(header) > MAX_HEADER_BYTES:
         raise ProtocolError(f"message header is {len(header)} bytes, over the {MAX_HEADER_BYTES} limit")
     parts = [_HEAD.pack(MAGIC, len(header)), header]
-    parts.extend(_tensor_bytes(t) for t in tensors)
+    parts.extend(_tensor_bytes(t) for t in inline)
     return b"".join(parts)
+
+
+def _place_in_arena(tensors: list[torch.Tensor], table: list[dict[str, Any]], arena) -> list[torch.Tensor]:
+    """Copy the large tensors into `arena`, record their offsets; return the tensors that stay inline."""
+    from .arena import ALIGN
+
+    offsets, end = {}, 0
+    for index, spec in enumerate(table):
+        if spec["nbytes"] >= ARENA_MIN_BYTES:
+            offsets[index] = end
+            end += -(-spec["nbytes"] // ALIGN) * ALIGN
+    if not offsets:
+        return tensors
+    buffer = arena.buffer(end)
+    for index, at in offsets.items():
+        nbytes = table[index]["nbytes"]
+        target = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=at)
+        target.copy_(tensors[index].view(-1).view(torch.uint8))
+        table[index]["at"] = at
+    return [t for i, t in enumerate(tensors) if i not in offsets]
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
@@ -82,8 +107,9 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
     return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def decode(frame: bytes | bytearray | memoryview) -> Any:
-    """One frame -> message. Raises ProtocolError (only) for anything malformed."""
+def decode(frame: bytes | bytearray | memoryview, *, arena=None) -> Any:
+    """One frame -> message. Raises ProtocolError (only) for anything malformed. Tensors the peer put in its
+    arena come back as views on `arena` (valid until the peer writes its next frame)."""
     view = memoryview(frame).cast("B")
     if len(view) < _HEAD.size:
         raise ProtocolError(f"frame of {len(view)} bytes is shorter than its {_HEAD.size}-byte head")
@@ -102,6 +128,9 @@ def decode(frame: bytes | bytearray | memoryview) -> Any:
     tensors = []
     for index, spec in enumerate(header["t"]):
         dtype, shape, nbytes = _check_spec(index, spec)
+        if "at" in spec:
+            tensors.append(_from_arena(index, spec["at"], nbytes, dtype, shape, arena))
+            continue
         if offset + nbytes > len(view):
             raise ProtocolError(f"tensor {index} needs {nbytes} bytes past offset {offset}; frame has {len(view)}")
         raw = view[offset:offset + nbytes]
@@ -120,9 +149,21 @@ def decode(frame: bytes | bytearray | memoryview) -> Any:
         raise ProtocolError("message nests too deeply") from None
 
 
+def _from_arena(index: int, at: Any, nbytes: int, dtype: torch.dtype, shape: list[int], arena) -> torch.Tensor:
+    if arena is None:
+        raise ProtocolError(f"tensor {index} is in a shared arena, but this channel has none")
+    if type(at) is not int or at % 64:
+        raise ProtocolError(f"tensor {index}: arena offset {at!r} is not an aligned int")
+    try:
+        raw = arena.view(at, nbytes)
+    except ValueError as exc:
+        raise ProtocolError(f"tensor {index}: {exc}") from None
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
 def _check_spec(index: int, spec: Any) -> tuple[torch.dtype, list[int], int]:
-    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "nbytes"}:
-        raise ProtocolError(f"tensor {index}: spec must have exactly dtype, shape, nbytes")
+    if not isinstance(spec, dict) or not {"dtype", "shape", "nbytes"} <= set(spec) <= {"dtype", "shape", "nbytes", "at"}:
+        raise ProtocolError(f"tensor {index}: spec must have exactly dtype, shape, nbytes (and an arena offset)")
     dtype = _DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
     if dtype is None:
         raise ProtocolError(f"tensor {index}: dtype {spec['dtype']!r} is not allowed")

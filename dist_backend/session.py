@@ -135,7 +135,8 @@ class Session:
             t0 = time.monotonic()
             results = self.sidecar.call("encode", payloads, should_cancel=should_cancel)
             self.timings.add("encode", time.monotonic() - t0)
-        embeds = tuple(e for r in results for e in r["embeds"])
+        # Copies: large embeddings view the ranks' shared arenas, which the next call may overwrite.
+        embeds = tuple({k: v.clone() for k, v in e.items()} for r in results for e in r["embeds"])
         return Conditioning(model_dir=self._model_dir, family=self._model_info["family"], prompts=tuple(prompts),
                             negative_prompt=negative_prompt, embeds=embeds)
 

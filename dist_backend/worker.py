@@ -16,6 +16,7 @@ import traceback
 from datetime import timedelta
 
 ENV_SECRET_FILE = "DISTDIFF_SECRET_FILE"
+ENV_ARENA_FD = "DISTDIFF_ARENA_FD"
 ENV_RANK = "DISTDIFF_RANK"
 ENV_CONFIG = "DISTDIFF_CONFIG"
 ENV_HOST_ADDR = "DISTDIFF_HOST_ADDR"
@@ -107,7 +108,10 @@ def main() -> int:
         timeout=timedelta(seconds=2 * config.heartbeat_timeout_s),
         **({"device_id": device} if backend == "nccl" else {}),
     )
+    from .arena import Arena
     from .rank_engine import RankEngine
+
+    arena = Arena(int(os.environ[ENV_ARENA_FD])) if ENV_ARENA_FD in os.environ else None
 
     engine = RankEngine(config=config, rank=rank, device=device, channel=channel)
     channel.send(protocol.encode({"event": "ready", "rank": rank}))
@@ -141,7 +145,7 @@ def main() -> int:
                     "type": type(exc).__name__, "message": str(exc), "phase": str(op),
                     "traceback": traceback.format_exc(),
                 }}
-            channel.send(protocol.encode(reply))
+            channel.send(protocol.encode(reply, arena=arena))
     finally:
         engine.close()
         channel.close()

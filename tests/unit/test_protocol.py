@@ -1,5 +1,6 @@
 """The control-message codec: round trips, and that nothing malformed gets past with anything but ProtocolError."""
 
+import json
 import struct
 
 import pytest
@@ -82,3 +83,31 @@ def test_corrupted_valid_frames_only_raise_protocol_error(message, position, val
         protocol.decode(bytes(frame))
     except ProtocolError:
         pass
+
+
+def test_large_tensors_cross_through_the_shared_arena_as_views():
+    from dist_backend.arena import Arena
+
+    writer = Arena.create("test-arena")
+    reader = Arena(writer.fd)
+    big = torch.randn(3, 512, 1024)  # 6 MiB: over ARENA_MIN_BYTES
+    small = torch.arange(10)
+    frame = protocol.encode({"big": big, "small": small, "more": [big[0].clone()]}, arena=writer)
+    assert len(frame) < 2048, "large tensors must not travel in the frame"
+    out = protocol.decode(frame, arena=reader)
+    assert torch.equal(out["big"], big) and torch.equal(out["small"], small) and torch.equal(out["more"][0], big[0])
+    with pytest.raises(ProtocolError, match="has none"):
+        protocol.decode(frame)  # a peer without an arena cannot be pointed into one
+    writer.close()
+
+
+@pytest.mark.parametrize("at", [-64, 1, 2**40, "0"])
+def test_arena_offsets_outside_or_misaligned_raise_protocol_error(at):
+    from dist_backend.arena import Arena
+
+    arena = Arena.create("test-arena")
+    arena.buffer(4096)
+    header = json.dumps({"m": {"__t__": 0}, "t": [{"dtype": "uint8", "shape": [64], "nbytes": 64, "at": at}]})
+    with pytest.raises(ProtocolError):
+        protocol.decode(_frame(header.encode()), arena=arena)
+    arena.close()
