@@ -17,7 +17,7 @@ class EncodeOnGPUs:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "pipeline": ("DISTDIFF_PIPELINE", {"tooltip": "From LoadSharded."}),
+                "pipeline": (PIPELINE, {"tooltip": "From LoadSharded."}),
                 "prompt": ("STRING", {"multiline": True, "default": "",
                                       "tooltip": "One prompt per line; empty lines are ignored."}),
             },

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, ModelError
-from .base import ImageRequest, StepCallback
+from .base import FamilyAdapter, ImageRequest, StepCallback
 
 
 def nearest_multiple(value: int, multiple: int, *, offset: int = 0) -> int:
@@ -22,15 +22,6 @@ def check_multiple(name: str, value: int, multiple: int, *, why: str) -> None:
         f"{name} {value} must be a positive multiple of {multiple} ({why}); the nearest valid {name} is "
         f"{nearest_multiple(value, multiple)}"
     )
-
-
-def check_packed_image_size(family: str, *, vae_scale: int, height: int, width: int, num_frames: int) -> None:
-    """Image families whose latents are packed 2×2 into tokens (Flux, Qwen-Image): sizes must be multiples of
-    vae_scale × 2, and there is one frame."""
-    why = f"VAE scale factor {vae_scale} x 2x2 latent packing"
-    check_multiple("height", height, vae_scale * 2, why=why)
-    check_multiple("width", width, vae_scale * 2, why=why)
-    check_single_frame(family, num_frames)
 
 
 def check_single_frame(family: str, num_frames: int) -> None:
@@ -86,3 +77,23 @@ def text_length_cap(tokenizer, *, pipeline_default: int) -> int:
     """
     limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
     return min(pipeline_default, int(limit)) if limit else pipeline_default
+
+
+class PackedImageAdapter(FamilyAdapter):
+    """Image families whose latents are packed 2×2 into transformer tokens (Flux, Qwen-Image): the size rules and
+    the image token count follow from the VAE's scale factor, which each family reads from its own VAE config."""
+
+    @staticmethod
+    def vae_scale(pipe_config: dict) -> int:
+        raise NotImplementedError
+
+    def check_size(self, pipe_config: dict, *, height: int, width: int, num_frames: int) -> None:
+        vae_scale = self.vae_scale(pipe_config)
+        why = f"VAE scale factor {vae_scale} x 2x2 latent packing"
+        check_multiple("height", height, vae_scale * 2, why=why)
+        check_multiple("width", width, vae_scale * 2, why=why)
+        check_single_frame(self.name, num_frames)
+
+    def image_tokens(self, pipe_config: dict, *, height: int, width: int) -> int:
+        per_token = self.vae_scale(pipe_config) * 2
+        return (height // per_token) * (width // per_token)

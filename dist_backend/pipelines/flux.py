@@ -19,16 +19,16 @@ import torch
 
 from . import PIPELINE_CLASSES, Family
 from ._common import (
-    check_packed_image_size, component_config, cpu_generator, step_callback, text_length_cap, to_cpu,
+    PackedImageAdapter, component_config, cpu_generator, step_callback, text_length_cap, to_cpu,
     to_device,
 )
-from .base import FamilyAdapter, ImageRequest, StepCallback
+from .base import ImageRequest, StepCallback
 
 # FluxPipeline.__call__'s max_sequence_length default (and its maximum).
 _T5_DEFAULT_LENGTH = 512
 
 
-class FluxAdapter(FamilyAdapter):
+class FluxAdapter(PackedImageAdapter):
     name = "flux"
     pipeline_class_names = PIPELINE_CLASSES[Family.FLUX]
     is_video = False
@@ -114,17 +114,12 @@ class FluxAdapter(FamilyAdapter):
 
     # -- planning (json configs only) ---------------------------------------------------------------------
     @staticmethod
-    def _pixels_per_token(pipe_config: dict) -> tuple[int, int]:
-        vae_scale = 2 ** (len(component_config(pipe_config, "vae")["block_out_channels"]) - 1)
-        return vae_scale, vae_scale * 2  # latents are packed 2x2 into tokens
-
-    def check_size(self, pipe_config: dict, *, height: int, width: int, num_frames: int) -> None:
-        vae_scale, _ = self._pixels_per_token(pipe_config)
-        check_packed_image_size(self.name, vae_scale=vae_scale, height=height, width=width, num_frames=num_frames)
+    def vae_scale(pipe_config: dict) -> int:
+        return 2 ** (len(component_config(pipe_config, "vae")["block_out_channels"]) - 1)
 
     def sequence_lengths(self, pipe_config: dict, cond: dict[str, torch.Tensor], *, height: int, width: int,
                          num_frames: int) -> dict[str, int]:
         # _cp_plan splits hidden_states/img_ids (image tokens) and encoder_hidden_states/txt_ids (text tokens);
         # the negative text has the same padded length.
-        _, per_token = self._pixels_per_token(pipe_config)
-        return {"image": (height // per_token) * (width // per_token), "text": int(cond["prompt_embeds"].shape[1])}
+        return {"image": self.image_tokens(pipe_config, height=height, width=width),
+                "text": int(cond["prompt_embeds"].shape[1])}

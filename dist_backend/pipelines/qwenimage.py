@@ -25,16 +25,16 @@ import torch
 
 from . import PIPELINE_CLASSES, Family
 from ._common import (
-    check_packed_image_size, component_config, cpu_generator, step_callback, to_cpu, to_device,
+    PackedImageAdapter, component_config, cpu_generator, step_callback, to_cpu, to_device,
 )
-from .base import FamilyAdapter, ImageRequest, StepCallback
+from .base import ImageRequest, StepCallback
 
 # QwenImagePipeline.__call__'s max_sequence_length default: the text embeddings are cut to this length.
 _MAX_SEQUENCE_LENGTH = 512
 _MASK_KEYS = ("prompt_embeds_mask", "negative_prompt_embeds_mask")
 
 
-class QwenImageAdapter(FamilyAdapter):
+class QwenImageAdapter(PackedImageAdapter):
     name = "qwenimage"
     pipeline_class_names = PIPELINE_CLASSES[Family.QWENIMAGE]
     is_video = False
@@ -111,20 +111,14 @@ class QwenImageAdapter(FamilyAdapter):
 
     # -- planning (json configs only) ---------------------------------------------------------------------
     @staticmethod
-    def _pixels_per_token(pipe_config: dict) -> tuple[int, int]:
-        vae_scale = 2 ** len(component_config(pipe_config, "vae")["temperal_downsample"])
-        return vae_scale, vae_scale * 2  # latents are packed 2x2 into tokens
-
-    def check_size(self, pipe_config: dict, *, height: int, width: int, num_frames: int) -> None:
-        vae_scale, _ = self._pixels_per_token(pipe_config)
-        check_packed_image_size(self.name, vae_scale=vae_scale, height=height, width=width, num_frames=num_frames)
+    def vae_scale(pipe_config: dict) -> int:
+        return 2 ** len(component_config(pipe_config, "vae")["temperal_downsample"])
 
     def sequence_lengths(self, pipe_config: dict, cond: dict[str, torch.Tensor], *, height: int, width: int,
                          num_frames: int) -> dict[str, int]:
         # _cp_plan splits hidden_states (image tokens) and encoder_hidden_states / its mask (text tokens). The
         # negative prompt is a separate transformer call with its own text length, so it must divide too.
-        _, per_token = self._pixels_per_token(pipe_config)
-        lengths = {"image": (height // per_token) * (width // per_token),
+        lengths = {"image": self.image_tokens(pipe_config, height=height, width=width),
                    "text": int(cond["prompt_embeds"].shape[1])}
         if "negative_prompt_embeds" in cond:
             lengths["negative_text"] = int(cond["negative_prompt_embeds"].shape[1])
