@@ -133,6 +133,17 @@ class SessionConfig:
                 f"gpus_per_rank={self.gpus_per_rank} with ring × ulysses = {cp}: context parallelism needs each rank's "
                 "transformer on one GPU. Use gpus_per_rank=1 for CP, or ring=ulysses=1 to shard with device_map"
             )
+        if self.device is Device.CUDA and self.ring > 1 and self.attention_backend in ("", "native"):
+            # Ring merges partial attention by its log-sum-exp; diffusers' native (SDPA) backend cannot return it
+            # and would fail at the first forward. cuDNN attention returns it, for bf16/fp16 only.
+            if self.attention_backend == "native" or self.dtype is DType.FLOAT32:
+                raise ConfigError(
+                    f"ring={self.ring} on CUDA needs an attention backend that returns the log-sum-exp, and "
+                    f"attention_backend={self.attention_backend or 'default'!r} with dtype={self.dtype.value!r} has "
+                    "none: use dtype='bfloat16' (cuDNN attention is then chosen), attention_backend='flash' "
+                    "(flash-attn installed), or ulysses instead of ring"
+                )
+            object.__setattr__(self, "attention_backend", "_native_cudnn")
         if self.max_memory and self.gpus_per_rank == 1 and self.device_map is DeviceMapPolicy.NONE:
             raise ConfigError("max_memory is only used with device_map='balanced' or 'auto'; set device_map too")
         for name in ("start_timeout_s", "call_timeout_s", "heartbeat_timeout_s"):

@@ -142,10 +142,10 @@ class RankEngine:
                     latent = self.adapter.denoise(pipe, cond=cond[key], request=request, device=self.device,
                                                   on_step=on_step)
                 latents.append(latent)
+            mode = cp_mode_of(pipe.transformer) if self.config.cp_degree > 1 else None  # before staged release
         finally:
             if self.config.offload is Offload.STAGED:
                 self.residency.release(self.adapter.denoise_components)
-        mode = cp_mode_of(pipe.transformer) if self.config.cp_degree > 1 else None
         return {"latents": latents if self.is_leader else None, "cp_mode": mode}
 
     def op_decode(self, message: dict) -> dict:

@@ -9,6 +9,12 @@ from dist_backend.errors import ConfigError
 from dist_backend.split import block_bounds, blocks, image_items
 
 
+def test_ring_on_cuda_gets_an_lse_backend_by_default():
+    c = SessionConfig(device="cuda", world_size=2, ring=2, dtype="bfloat16")
+    assert c.attention_backend == "_native_cudnn"
+    assert SessionConfig(device="cuda", world_size=2, ulysses=2).attention_backend == ""
+
+
 def test_dp_is_derived_and_round_trips():
     c = SessionConfig(world_size=4, ulysses=2)
     assert c.dp == 2 and c.cp_degree == 2 and c.strategy == "dp2×ulysses2"
@@ -28,6 +34,8 @@ def test_dp_is_derived_and_round_trips():
     (dict(device="cuda", world_size=2, gpu_ids=(1, 1)), ["duplicates"]),
     (dict(max_memory="0=1GB"), ["max_memory is only used with device_map"]),
     (dict(call_timeout_s=0), ["call_timeout_s must be a positive"]),
+    (dict(device="cuda", world_size=2, ring=2), ["ring=2 on CUDA", "dtype='bfloat16'"]),
+    (dict(device="cuda", world_size=2, ring=2, dtype="bfloat16", attention_backend="native"), ["log-sum-exp"]),
 ])
 def test_invalid_configs_name_the_input(kwargs, words):
     with pytest.raises(ConfigError) as info:
