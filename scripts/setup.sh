@@ -8,3 +8,9 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.split("+")[0] 
   "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q -c constraints.txt -r "${1:-requirements.txt}"
+# The graph-editor tests drive Debian's Chromium (no browser download). Install it where we may (root with apt);
+# elsewhere those tests report themselves skipped, naming the package.
+if [ "${1:-}" = "requirements-test.txt" ] && ! command -v chromium >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "setup: could not install chromium" >&2
+fi
