@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import subprocess
 import time
 from collections.abc import Callable
@@ -253,7 +254,5 @@ def _wait_exit(popen: subprocess.Popen, seconds: float) -> int | None:
 
 
 def _select(channels, timeout: float):
-    import select
-
     readable, _, _ = select.select(channels, [], [], timeout)
     return set(readable)

@@ -42,15 +42,19 @@ def test_images_per_prompt_follow_the_seed_contract(tiny_dirs, tiny_pipes):
     assert float((latents - expected).abs().max()) <= 1e-6
 
 
-def test_staged_offload_gives_the_resident_images(tiny_dirs):
+@pytest.mark.parametrize("parallel", [dict(), dict(ulysses=2)], ids=["dp2", "ulysses2"])
+def test_staged_offload_gives_the_resident_images(parallel, tiny_dirs):
     results = {}
     for offload in ("resident", "staged"):
-        session = Session(SessionConfig(world_size=2, offload=offload, threads_per_rank=1))
+        session = Session(SessionConfig(world_size=2, offload=offload, threads_per_rank=1, **parallel))
         try:
             results[offload] = generate(session, tiny_dirs["flux"], "flux", PROMPTS[:2], seed=5)
-            # A second round reloads what staged freed and must still give the same result.
+            # A second round reloads what staged freed (CP is enabled again on the fresh transformer) and must
+            # still give the same result.
             again = generate(session, tiny_dirs["flux"], "flux", PROMPTS[:2], seed=5)
             assert torch.equal(again[0], results[offload][0])
+            if parallel:
+                assert session.last_cp_modes == ["ulysses", "ulysses"], session.last_cp_modes
         finally:
             session.close()
     assert torch.equal(results["staged"][0], results["resident"][0])
