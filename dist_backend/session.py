@@ -146,10 +146,9 @@ class Session:
         """Embeddings -> unpacked latents [B, C, h, w] (video [B, C, F, h, w]), B = prompts × images_per_prompt,
         prompt-major; image j is made with seed + j."""
         self._require_model()
-        self._check_denoise(cond, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
-                            num_frames=num_frames, seed=seed)
+        cp_lengths = self._check_denoise(cond, steps=steps, height=height, width=width,
+                                         images_per_prompt=images_per_prompt, num_frames=num_frames, seed=seed)
         items = image_items(len(cond.prompts), images_per_prompt, seed)
-        cp_lengths = self._cp_lengths(cond, height=height, width=width, num_frames=num_frames)
         cfg = self.config
         payloads = []
         for rank in range(cfg.world_size):
@@ -183,7 +182,7 @@ class Session:
         payloads = []
         for rank in range(world):
             start, stop = block_bounds(latents.shape[0], world, rank)
-            payloads.append({"latents": latents[start:stop].clone() if stop > start else None})
+            payloads.append({"latents": latents[start:stop] if stop > start else None})  # encode copies it
         with self._lock:
             t0 = time.monotonic()
             results = self.sidecar.call("decode", payloads, should_cancel=should_cancel)
@@ -209,27 +208,16 @@ class Session:
         images = self.decode(latents, should_cancel=should_cancel)
         return latents, images
 
-    def _cp_lengths(self, cond: Conditioning, *, height: int, width: int, num_frames: int) -> dict[str, int]:
-        """Every sequence length the CP plan will split in this call, over all prompts: every rank gets the same
-        dict, so every rank picks the same CP mode (see RankEngine._set_cp_mode)."""
-        if self.config.cp_degree == 1:
-            return {}
-        from .pipelines import adapter_for
-
-        adapter = adapter_for(self._model_info["family"])
-        lengths = {}
-        for index, embeds in enumerate(cond.embeds):
-            for name, value in adapter.sequence_lengths(self._model_info, embeds, height=height, width=width,
-                                                        num_frames=num_frames).items():
-                lengths[f"{name} tokens of prompt {index}"] = int(value)
-        return lengths
-
     # -- checks --------------------------------------------------------------------------------------------------
     def _require_model(self) -> None:
         if self._model_dir is None:
             raise ConfigError("no model is loaded in this session; call load(model_dir) first")
 
-    def _check_denoise(self, cond: Conditioning, *, steps, height, width, images_per_prompt, num_frames, seed) -> None:
+    def _check_denoise(self, cond: Conditioning, *, steps, height, width, images_per_prompt, num_frames,
+                       seed) -> dict[str, int]:
+        """Refuse a bad request before any call; return every sequence length the CP plan will split in it, over
+        all prompts ({} without CP). Every rank gets that same dict, so every rank picks the same CP mode (see
+        RankEngine._set_cp_mode)."""
         from .pipelines import adapter_for
         from .strategies.cp_checks import check_sequences
 
@@ -240,13 +228,17 @@ class Session:
                               "loaded; encode the prompts again with this pipeline")
         check_request(self._model_info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
                       num_frames=num_frames, seed=seed)
+        if self.config.cp_degree == 1:
+            return {}
         adapter = adapter_for(self._model_info["family"])
-        if self.config.cp_degree > 1:
-            for index, embeds in enumerate(cond.embeds):
-                lengths = adapter.sequence_lengths(self._model_info, embeds, height=height, width=width,
-                                                   num_frames=num_frames)
-                check_sequences(lengths, ring=self.config.ring, ulysses=self.config.ulysses,
-                                uses_mask=adapter.uses_attention_mask(embeds), what=f"prompt {index}")
+        cp_lengths = {}
+        for index, embeds in enumerate(cond.embeds):
+            lengths = adapter.sequence_lengths(self._model_info, embeds, height=height, width=width,
+                                               num_frames=num_frames)
+            check_sequences(lengths, ring=self.config.ring, ulysses=self.config.ulysses,
+                            uses_mask=adapter.uses_attention_mask(embeds), what=f"prompt {index}")
+            cp_lengths.update({f"{name} tokens of prompt {index}": int(v) for name, v in lengths.items()})
+        return cp_lengths
 
 
 def _prompt_list(prompts: list[str] | tuple[str, ...] | str) -> list[str]:
