@@ -53,7 +53,10 @@ class SessionConfig:
     world_size: int = 1
     """Number of rank processes."""
     dp: int = 0
-    """Data-parallel degree: independent groups that split images between them. 0 = world_size / (ring × ulysses)."""
+    """Data-parallel degree: independent groups that split images between them. 0 = world_size / (cfg × ring × ulysses)."""
+    cfg: int = 1
+    """CFG-parallel degree (1 or 2): with 2, each data-parallel group has two halves that compute the conditional and
+    the unconditional branch of every step at the same time (calls without classifier-free guidance are refused)."""
     ring: int = 1
     """Ring-attention degree inside each data-parallel group (diffusers ContextParallelConfig.ring_degree)."""
     ulysses: int = 1
@@ -92,24 +95,28 @@ class SessionConfig:
             object.__setattr__(self, name, _enum(cls, getattr(self, name), name))
         object.__setattr__(self, "gpu_ids", tuple(int(g) for g in self.gpu_ids))
         object.__setattr__(self, "env", tuple((str(k), str(v)) for k, v in self.env))
-        for name in ("world_size", "ring", "ulysses", "gpus_per_rank"):
+        for name in ("world_size", "cfg", "ring", "ulysses", "gpus_per_rank"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
         if type(self.dp) is not int or self.dp < 0:
             raise ConfigError(f"dp must be an integer ≥ 0 (0 = derive from world_size), got {self.dp!r}")
+        if self.cfg not in (1, 2):
+            raise ConfigError(f"cfg must be 1 or 2 (a step has two guidance branches: conditional and "
+                              f"unconditional), got {self.cfg}")
         cp = self.ring * self.ulysses
+        group = self.cfg * cp
         if self.dp == 0:
-            if self.world_size % cp:
+            if self.world_size % group:
                 raise ConfigError(
-                    f"world_size ({self.world_size}) is not divisible by ring ({self.ring}) × ulysses "
-                    f"({self.ulysses}) = {cp}; pick degrees whose product divides the number of ranks"
+                    f"world_size ({self.world_size}) is not divisible by cfg ({self.cfg}) × ring ({self.ring}) × "
+                    f"ulysses ({self.ulysses}) = {group}; pick degrees whose product divides the number of ranks"
                 )
-            object.__setattr__(self, "dp", self.world_size // cp)
-        if self.dp * cp != self.world_size:
+            object.__setattr__(self, "dp", self.world_size // group)
+        if self.dp * group != self.world_size:
             raise ConfigError(
-                f"dp ({self.dp}) × ring ({self.ring}) × ulysses ({self.ulysses}) = {self.dp * cp}, "
-                f"but world_size is {self.world_size}; make the product equal the number of ranks"
+                f"dp ({self.dp}) × cfg ({self.cfg}) × ring ({self.ring}) × ulysses ({self.ulysses}) = "
+                f"{self.dp * group}, but world_size is {self.world_size}; make the product equal the number of ranks"
             )
         if self.device is Device.CPU:
             if self.gpus_per_rank != 1:
@@ -158,9 +165,15 @@ class SessionConfig:
         return self.ring * self.ulysses
 
     @property
+    def group_size(self) -> int:
+        """Ranks per data-parallel group: cfg × ring × ulysses (they compute one image together)."""
+        return self.cfg * self.ring * self.ulysses
+
+    @property
     def strategy(self) -> str:
         """Human-readable name, e.g. "dp2×ulysses2"."""
-        parts = [f"{n}{d}" for n, d in (("dp", self.dp), ("ring", self.ring), ("ulysses", self.ulysses)) if d > 1]
+        parts = [f"{n}{d}" for n, d in (("dp", self.dp), ("cfg", self.cfg), ("ring", self.ring),
+                                        ("ulysses", self.ulysses)) if d > 1]
         if self.gpus_per_rank > 1:
             parts.append(f"device_map{self.gpus_per_rank}")
         return "×".join(parts) or "single"

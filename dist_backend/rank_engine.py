@@ -30,21 +30,28 @@ class RankEngine:
         self.rank = rank
         self.device = device
         self.channel = channel
-        cp = config.cp_degree
-        self.dp_index, self.cp_rank = divmod(rank, cp)
-        self.is_leader = self.cp_rank == 0  # the rank of its data-parallel group that answers with results
-        self.cp_group = None
+        cp, size = config.cp_degree, config.group_size
+        # rank = dp_index · (cfg · cp) + cfg_rank · cp + cp_rank: each data-parallel group computes its images
+        # together; with cfg = 2 its two halves (one CP group each) compute the two guidance branches.
+        self.dp_index, within = divmod(rank, size)
+        self.cfg_rank, self.cp_rank = divmod(within, cp)
+        self.is_leader = within == 0  # the rank of its data-parallel group that answers with results
+        self.image_group = None  # all ranks of this data-parallel group: they stop (cancel) at the same step
+        self.cfg_group = None
         self.mesh = None
-        if cp > 1:
+        if size > 1:
             from .strategies.context_parallel import build_mesh
 
             # NOTE: collectives: every rank builds the same mesh and the same groups, in the same order, at the
             # same point of start-up (new_group must be called by all ranks for every group).
-            self.mesh = build_mesh(device_type=device.type, dp=config.dp, ring=config.ring, ulysses=config.ulysses)
+            self.mesh = build_mesh(device_type=device.type, dp=config.dp, cfg=config.cfg, ring=config.ring,
+                                   ulysses=config.ulysses)
+            if config.cfg > 1:
+                self.cfg_group = self.mesh["cfg"].get_group()
             for index in range(config.dp):
-                group = dist.new_group(ranks=list(range(index * cp, (index + 1) * cp)))
+                group = dist.new_group(ranks=list(range(index * size, (index + 1) * size)))
                 if index == self.dp_index:
-                    self.cp_group = group
+                    self.image_group = group
         self.residency = None
         self.adapter = None
         self.model_info: dict[str, Any] | None = None
@@ -125,6 +132,7 @@ class RankEngine:
         cond = message["cond"]
         total = len(items) * message["steps"]
         latents = []
+        cfg_forwards = 0  # transformer forwards this rank computed under CFG parallel (one per step, not two)
         pipe = self.residency.ensure(self.adapter.denoise_components)
         try:
             if self.config.cp_degree > 1:
@@ -132,21 +140,25 @@ class RankEngine:
             for index, (key, seed) in enumerate(items):
                 request = ImageRequest(seed=seed, steps=message["steps"], guidance=message["guidance"],
                                        height=message["height"], width=message["width"],
-                                       num_frames=message.get("num_frames", 1))
+                                       num_frames=message.get("num_frames", 1),
+                                       true_cfg_scale=message.get("true_cfg_scale", 1.0))
                 done_before = index * message["steps"]
 
                 def on_step(done: int, steps: int, _before: int = done_before) -> None:
                     self._step_boundary(_before + done, total)
 
-                with torch.inference_mode():
+                with torch.inference_mode(), self._cfg_split(pipe, cond[key], request) as split:
                     latent = self.adapter.denoise(pipe, cond=cond[key], request=request, device=self.device,
                                                   on_step=on_step)
                 latents.append(latent)
+                if split is not None:
+                    cfg_forwards += split.forwards
             mode = cp_mode_of(pipe.transformer) if self.config.cp_degree > 1 else None  # before staged release
         finally:
             if self.config.offload is Offload.STAGED:
                 self.residency.release(self.adapter.denoise_components)
-        return {"latents": latents if self.is_leader else None, "cp_mode": mode}
+        return {"latents": latents if self.is_leader else None, "cp_mode": mode,
+                "cfg_forwards": cfg_forwards if self.config.cfg > 1 else None}
 
     def op_decode(self, message: dict) -> dict:
         self._require_model()
@@ -189,6 +201,22 @@ class RankEngine:
         enable_context_parallel(transformer, ring=ring, ulysses=ulysses, mesh=self.mesh, seq_lengths=lengths,
                                 attention_backend=self.config.attention_backend or None)
 
+    def _cfg_split(self, pipe, cond: dict, request: ImageRequest):
+        """With cfg = 2: this half computes only its guidance branch during the call (strategies/cfg_parallel.py)."""
+        import contextlib
+
+        if self.config.cfg == 1:
+            return contextlib.nullcontext()
+        from .strategies.cfg_parallel import split_cfg
+
+        reason = self.adapter.cfg_off_reason(cond, request)
+        if reason is not None:
+            # The host refuses this before the call (Session._check_denoise); every rank gets the same request, so
+            # every rank raises here alike and none is left waiting in the exchange.
+            raise ConfigError(f"cfg=2 needs classifier-free guidance, but {reason}")
+        return split_cfg((getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)),
+                         group=self.cfg_group, cfg_rank=self.cfg_rank)
+
     def _step_boundary(self, done: int, total: int) -> None:
         """After every denoise step: report progress, and decide together whether to stop."""
         if self.fault is not None:
@@ -199,12 +227,13 @@ class RankEngine:
         self.channel.send(protocol.encode({"id": self._call_id, "event": event, "done": done, "total": total}))
         self._drain_cancel()
         stop = self._cancel_seen
-        if self.cp_group is not None:
-            # NOTE: symmetric: every rank of this CP group reaches this all_reduce once per step, so all of them
-            # leave at the same step (any_rank(cancel_requested)); a rank that raised instead never gets here and
-            # its peers then fail on the process-group timeout, which the host turns into a restart.
+        if self.image_group is not None:
+            # NOTE: symmetric: every rank of this data-parallel group (both CFG halves, all CP ranks) reaches this
+            # all_reduce once per step, so all of them leave at the same step (any_rank(cancel_requested)); a rank
+            # that raised instead never gets here and its peers then fail on the process-group timeout, which the
+            # host turns into a restart.
             flag = torch.tensor([1 if stop else 0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cp_group)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.image_group)
             stop = bool(flag.item())
         if stop:
             raise Cancelled(f"cancelled after step {done} of {total}")

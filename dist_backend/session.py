@@ -56,6 +56,7 @@ class Session:
         self.starts = 0
         self.timings = Timings()
         self.last_cp_modes: list[str | None] = []
+        self.last_cfg_forwards: list[int | None] = []  # per rank: transformer forwards computed under cfg = 2
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
@@ -141,18 +142,20 @@ class Session:
                             negative_prompt=negative_prompt, embeds=embeds)
 
     def denoise(self, cond: Conditioning, *, seed: int, steps: int, guidance: float, height: int, width: int,
-                images_per_prompt: int = 1, num_frames: int = 1, on_progress: ProgressFn | None = None,
-                should_cancel: CancelFn | None = None) -> torch.Tensor:
+                images_per_prompt: int = 1, num_frames: int = 1, true_cfg_scale: float = 1.0,
+                on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> torch.Tensor:
         """Embeddings -> unpacked latents [B, C, h, w] (video [B, C, F, h, w]), B = prompts × images_per_prompt,
-        prompt-major; image j is made with seed + j."""
+        prompt-major; image j is made with seed + j. `true_cfg_scale` is Flux's true CFG (see ImageRequest)."""
         self._require_model()
         cp_lengths = self._check_denoise(cond, steps=steps, height=height, width=width,
                                          images_per_prompt=images_per_prompt, num_frames=num_frames, seed=seed)
+        self._check_cfg(cond, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
+                        num_frames=num_frames, true_cfg_scale=true_cfg_scale)
         items = image_items(len(cond.prompts), images_per_prompt, seed)
         cfg = self.config
         payloads = []
         for rank in range(cfg.world_size):
-            dp_index = rank // cfg.cp_degree
+            dp_index = rank // cfg.group_size  # both CFG halves and every CP rank of a group get the same items
             start, stop = block_bounds(len(items), cfg.dp, dp_index)
             mine = items[start:stop]
             keys = sorted({p for p, _ in mine})
@@ -160,7 +163,7 @@ class Session:
                 "items": [[str(p), s] for p, s in mine],
                 "cond": {str(p): cond.embeds[p] for p in keys},
                 "steps": steps, "guidance": float(guidance), "height": height, "width": width,
-                "num_frames": num_frames, "cp_lengths": cp_lengths,
+                "num_frames": num_frames, "cp_lengths": cp_lengths, "true_cfg_scale": float(true_cfg_scale),
             })
         with self._lock:
             t0 = time.monotonic()
@@ -168,6 +171,7 @@ class Session:
                                         stepped=True)
             self.timings.add("denoise", time.monotonic() - t0)
         self.last_cp_modes = [r["cp_mode"] for r in results]  # what each rank really ran (tests check it)
+        self.last_cfg_forwards = [r.get("cfg_forwards") for r in results]
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
         return torch.cat(latents, dim=0)
 
@@ -191,20 +195,26 @@ class Session:
 
     def generate(self, *, model_dir: str | Path, prompts: list[str], negative_prompt: str | None = None, seed: int,
                  steps: int, guidance: float, height: int, width: int, images_per_prompt: int = 1,
-                 num_frames: int = 1, on_progress: ProgressFn | None = None,
+                 num_frames: int = 1, true_cfg_scale: float = 1.0, on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All four stages. Returns (latents, images)."""
         from .pipelines import read_model_config
 
         # Everything knowable from the arguments and the folder's configs is refused before any rank starts.
         prompts = _prompt_list(prompts)
-        check_request(read_model_config(model_dir), steps=steps, height=height, width=width,
+        info = read_model_config(model_dir)
+        check_request(info, steps=steps, height=height, width=width,
                       images_per_prompt=images_per_prompt, num_frames=num_frames, seed=seed)
+        if self.config.cfg > 1:
+            # Whether CFG will run is known from the arguments (only the presence of a negative matters here).
+            probe = {"negative_prompt_embeds": None} if negative_prompt is not None else {}
+            _refuse_without_cfg(info, probe, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
+                                num_frames=num_frames, true_cfg_scale=true_cfg_scale)
         self.load(model_dir, should_cancel=should_cancel)
         cond = self.encode(prompts, negative_prompt, should_cancel=should_cancel)
         latents = self.denoise(cond, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
                                images_per_prompt=images_per_prompt, num_frames=num_frames,
-                               on_progress=on_progress, should_cancel=should_cancel)
+                               true_cfg_scale=true_cfg_scale, on_progress=on_progress, should_cancel=should_cancel)
         images = self.decode(latents, should_cancel=should_cancel)
         return latents, images
 
@@ -212,6 +222,12 @@ class Session:
     def _require_model(self) -> None:
         if self._model_dir is None:
             raise ConfigError("no model is loaded in this session; call load(model_dir) first")
+
+    def _check_cfg(self, cond: Conditioning, *, true_cfg_scale, **request) -> None:
+        if self.config.cfg == 1:
+            return
+        for embeds in cond.embeds:
+            _refuse_without_cfg(self._model_info, embeds, true_cfg_scale=true_cfg_scale, **request)
 
     def _check_denoise(self, cond: Conditioning, *, steps, height, width, images_per_prompt, num_frames,
                        seed) -> dict[str, int]:
@@ -239,6 +255,21 @@ class Session:
                             uses_mask=adapter.uses_attention_mask(embeds), what=f"prompt {index}")
             cp_lengths.update({f"{name} tokens of prompt {index}": int(v) for name, v in lengths.items()})
         return cp_lengths
+
+
+def _refuse_without_cfg(info: dict[str, Any], cond: dict, *, seed, steps, guidance, height, width, num_frames,
+                        true_cfg_scale) -> None:
+    """ConfigError when a cfg = 2 session gets a call in which the pipeline would not run classifier-free guidance
+    (there would be no second branch for the other half to compute)."""
+    from .pipelines import adapter_for
+    from .pipelines.base import ImageRequest
+
+    request = ImageRequest(seed=seed, steps=steps, guidance=float(guidance), height=height, width=width,
+                           num_frames=num_frames, true_cfg_scale=float(true_cfg_scale))
+    reason = adapter_for(info["family"]).cfg_off_reason(cond, request)
+    if reason is not None:
+        raise ConfigError(f"cfg=2 (CFG parallel) needs classifier-free guidance in every call, but {reason}; "
+                          "or use a session with cfg=1 for this call")
 
 
 def _prompt_list(prompts: list[str] | tuple[str, ...] | str) -> list[str]:

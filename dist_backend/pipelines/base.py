@@ -35,6 +35,9 @@ class ImageRequest:
     """Output width in pixels."""
     num_frames: int = 1
     """Frames for a video family; 1 for image families."""
+    true_cfg_scale: float = 1.0
+    """Flux only: real classifier-free guidance with the negative prompt when > 1 (FluxPipeline's true_cfg_scale);
+    1.0 = off. Qwen-Image and Wan take their CFG scale from `guidance`."""
 
 
 class FamilyAdapter(abc.ABC):
@@ -83,6 +86,12 @@ class FamilyAdapter(abc.ABC):
                          num_frames: int) -> dict[str, int]:
         """Lengths of the sequences the transformer's context-parallel plan splits, e.g.
         {"image": 4096, "text": 512}: used to check divisibility by the CP degree before starting."""
+
+    @abc.abstractmethod
+    def cfg_off_reason(self, cond: dict[str, torch.Tensor], request: ImageRequest) -> str | None:
+        """None when the pipeline will run classifier-free guidance for this call (two transformer calls per step:
+        the prompt, then the negative prompt); otherwise why not, as a sentence fragment naming the input to change
+        (CFG parallel refuses such a call)."""
 
     def uses_attention_mask(self, cond: dict[str, torch.Tensor]) -> bool:
         """True when the transformer will get a padding mask for these embeddings (Ring would be silently wrong)."""

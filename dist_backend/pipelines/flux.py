@@ -1,14 +1,14 @@
 """FLUX.1 (FluxPipeline): CLIP + T5 text encoders, a packed-latent MMDiT, a 16-channel AutoencoderKL.
 
 Guidance mapping: `ImageRequest.guidance` -> `guidance_scale`, the embedded (distilled) guidance fed to the
-transformer; it is ignored by models without guidance embeddings (schnell). True CFG (`true_cfg_scale`) is a
-separate adapter setting, default 1.0 = off, because FLUX.1 is guidance-distilled and a negative prompt would
-double the cost for no benefit. With `FluxAdapter(true_cfg_scale=s)` (s > 1) and a negative prompt, `encode`
-also returns the negative embeddings and the pipeline runs true CFG exactly as diffusers does.
+transformer; it is ignored by models without guidance embeddings (schnell). True CFG is
+`ImageRequest.true_cfg_scale` (default 1.0 = off; `FluxAdapter(true_cfg_scale=s)` sets the value used when the
+request leaves it at 1.0), because FLUX.1 is guidance-distilled and a negative prompt would double the cost for
+no benefit. With a scale > 1 and a negative prompt the pipeline runs true CFG exactly as diffusers does.
 
 Conditioning keys: "prompt_embeds" [1, T, 4096], "pooled_prompt_embeds" [1, 768], plus
-"negative_prompt_embeds" and "negative_pooled_prompt_embeds" exactly when true CFG is on and a negative
-prompt was given (the only case in which the pipeline would use them).
+"negative_prompt_embeds" and "negative_pooled_prompt_embeds" whenever a negative prompt was given (whether true
+CFG runs depends on the request's scale).
 
 Latents: the pipeline works on 2x2-packed tokens [1, h/2*w/2, 4C]; we hand out the unpacked [1, C, h, w].
 """
@@ -50,14 +50,25 @@ class FluxAdapter(PackedImageAdapter):
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
                                                num_images_per_prompt=1, max_sequence_length=length)
         cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if self._true_cfg(negative_prompt):
+        if negative_prompt is not None:
             neg, neg_pooled, _ = pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=device,
                                                     num_images_per_prompt=1, max_sequence_length=length)
             cond.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
         return to_cpu(cond)
 
-    def _true_cfg(self, negative_prompt: str | None) -> bool:
-        return self.true_cfg_scale > 1.0 and negative_prompt is not None
+    def _true_cfg_scale(self, request: ImageRequest) -> float:
+        return request.true_cfg_scale if request.true_cfg_scale != 1.0 else self.true_cfg_scale
+
+    def cfg_off_reason(self, cond: dict[str, torch.Tensor], request: ImageRequest) -> str | None:
+        # FluxPipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given; the embedded guidance
+        # (guidance_scale) of the distilled models is one transformer call, not CFG.
+        scale = self._true_cfg_scale(request)
+        if scale <= 1.0:
+            return (f"Flux's true CFG is off (true_cfg_scale {scale} ≤ 1; guidance {request.guidance} is the "
+                    "distilled guidance, a single pass); set true_cfg_scale > 1 and give a negative prompt")
+        if "negative_prompt_embeds" not in cond:
+            return "Flux's true CFG runs only with a negative prompt; give one when encoding"
+        return None
 
     # -- denoise ------------------------------------------------------------------------------------------
     def initial_noise(self, pipe, *, request: ImageRequest, dtype: torch.dtype) -> torch.Tensor:
@@ -81,7 +92,7 @@ class FluxAdapter(PackedImageAdapter):
             prompt_embeds=c["prompt_embeds"], pooled_prompt_embeds=c["pooled_prompt_embeds"],
             negative_prompt_embeds=c.get("negative_prompt_embeds"),
             negative_pooled_prompt_embeds=c.get("negative_pooled_prompt_embeds"),
-            true_cfg_scale=self.true_cfg_scale, guidance_scale=request.guidance,
+            true_cfg_scale=self._true_cfg_scale(request), guidance_scale=request.guidance,
             height=request.height, width=request.width, num_inference_steps=request.steps,
             latents=latents, output_type="latent", return_dict=False,
             callback_on_step_end=step_callback(on_step, request.steps),
@@ -90,7 +101,7 @@ class FluxAdapter(PackedImageAdapter):
 
     def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
         packed = pipe(
-            prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=self.true_cfg_scale,
+            prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=self._true_cfg_scale(request),
             guidance_scale=request.guidance, height=request.height, width=request.width,
             num_inference_steps=request.steps, generator=cpu_generator(request),
             max_sequence_length=self.max_sequence_length(pipe), output_type="latent", return_dict=False,

@@ -124,6 +124,15 @@ class QwenImageAdapter(PackedImageAdapter):
             lengths["negative_text"] = int(cond["negative_prompt_embeds"].shape[1])
         return lengths
 
+    def cfg_off_reason(self, cond: dict[str, torch.Tensor], request: ImageRequest) -> str | None:
+        # QwenImagePipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given.
+        if request.guidance <= 1.0:
+            return f"guidance {request.guidance} ≤ 1 turns Qwen-Image's true CFG off; set guidance > 1"
+        if "negative_prompt_embeds" not in cond:
+            return ("Qwen-Image runs CFG only with a negative prompt; give one (\" \" works as an empty negative) "
+                    "when encoding")
+        return None
+
     def uses_attention_mask(self, cond: dict[str, torch.Tensor]) -> bool:
         # The pipeline passes a mask to the transformer only when it has a zero (see module docstring).
         return any(k in cond and not bool(cond[k].bool().all()) for k in _MASK_KEYS)

@@ -90,6 +90,12 @@ class WanAdapter(FamilyAdapter):
         )[0]
         return video.float().cpu()
 
+    def cfg_off_reason(self, cond: dict[str, torch.Tensor], request: ImageRequest) -> str | None:
+        # WanPipeline: do_classifier_free_guidance = guidance_scale > 1 (the negative is always encoded, "" if none).
+        if request.guidance <= 1.0:
+            return f"guidance {request.guidance} ≤ 1 turns Wan's CFG off; set guidance > 1"
+        return None
+
     # -- decode -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Context parallelism (Ring / Ulysses attention) through diffusers' own `ContextParallelConfig` and
 `model.enable_parallelism`; we write no attention kernels of our own.
 
-The engine builds ONE DeviceMesh of shape (dp, ring, ulysses) named ("dp", "ring", "ulysses") with `build_mesh`;
-each dp slice is an independent CP group computing its own image, and `mesh["ring", "ulysses"]` is what diffusers
-gets. What this module adds around diffusers (checked against 0.42.1):
+The engine builds ONE DeviceMesh of shape (dp, cfg, ring, ulysses) named ("dp", "cfg", "ring", "ulysses") with
+`build_mesh`; each (dp, cfg) slice is an independent CP group (cfg = 2: the two halves compute the two guidance
+branches of one image), and `mesh["ring", "ulysses"]` is what diffusers gets. What this module adds around diffusers (checked against 0.42.1):
 
 - `cp_config_for` picks plain / `ulysses_anything` / `ring_anything` from the sequence lengths the request will
   split, and refuses up front what diffusers would only reject mid-forward (or, for ring×ulysses, not at all).
@@ -44,8 +44,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MESH_DIM_NAMES = ("dp", "ring", "ulysses")
-"""Names of the engine's one device mesh, outermost first: data parallel, then the two CP dimensions."""
+MESH_DIM_NAMES = ("dp", "cfg", "ring", "ulysses")
+"""Names of the engine's one device mesh, outermost first: data parallel, CFG parallel, then the two CP dimensions."""
 
 CP_MODEL_CLASSES = (
     "FluxTransformer2DModel",
@@ -180,24 +180,27 @@ def refuse_ring_with_mask(*, ring: int, uses_mask: bool, what: str) -> None:
         )
 
 
-def build_mesh(*, device_type: str, dp: int, ring: int, ulysses: int) -> DeviceMesh:
-    """The engine's one DeviceMesh over all ranks: shape (dp, ring, ulysses), named MESH_DIM_NAMES.
+def build_mesh(*, device_type: str, dp: int, ring: int, ulysses: int, cfg: int = 1) -> DeviceMesh:
+    """The engine's one DeviceMesh over all ranks: shape (dp, cfg, ring, ulysses), named MESH_DIM_NAMES.
 
     Must be called by every rank with the same arguments (it creates process groups: a collective). Ranks are laid
-    out dp-major, so ranks [k·ring·ulysses, (k+1)·ring·ulysses) form CP group k.
+    out dp-major, so ranks [k·cfg·ring·ulysses, (k+1)·cfg·ring·ulysses) form data-parallel group k; inside it, each
+    cfg half of ring·ulysses consecutive ranks is one CP group, and `mesh["cfg"]` pairs the ranks of the two halves
+    that hold the same token shard (see strategies/cfg_parallel.py).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    for name, value in (("dp", dp), ("ring", ring), ("ulysses", ulysses)):
+    for name, value in (("dp", dp), ("cfg", cfg), ("ring", ring), ("ulysses", ulysses)):
         if value < 1:
             raise ConfigError(f"{name} must be ≥ 1, got {value}")
     world_size = dist.get_world_size()
-    if dp * ring * ulysses != world_size:
+    if dp * cfg * ring * ulysses != world_size:
         raise ConfigError(
-            f"dp ({dp}) × ring ({ring}) × ulysses ({ulysses}) = {dp * ring * ulysses}, but world_size is {world_size}"
+            f"dp ({dp}) × cfg ({cfg}) × ring ({ring}) × ulysses ({ulysses}) = {dp * cfg * ring * ulysses}, "
+            f"but world_size is {world_size}"
         )
-    return init_device_mesh(device_type, (dp, ring, ulysses), mesh_dim_names=MESH_DIM_NAMES)
+    return init_device_mesh(device_type, (dp, cfg, ring, ulysses), mesh_dim_names=MESH_DIM_NAMES)
 
 
 def cp_submesh(mesh: DeviceMesh) -> DeviceMesh:

@@ -19,11 +19,15 @@ def test_dp_is_derived_and_round_trips():
     c = SessionConfig(world_size=4, ulysses=2)
     assert c.dp == 2 and c.cp_degree == 2 and c.strategy == "dp2×ulysses2"
     assert SessionConfig.from_json(c.to_json()) == c
+    c = SessionConfig(world_size=8, cfg=2, ulysses=2)
+    assert c.dp == 2 and c.group_size == 4 and c.strategy == "dp2×cfg2×ulysses2"
 
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(world_size=3, ulysses=2), ["world_size (3)", "ring (1) × ulysses (2) = 2"]),
-    (dict(world_size=4, dp=3, ulysses=2), ["dp (3) × ring (1) × ulysses (2) = 6", "world_size is 4"]),
+    (dict(world_size=4, dp=3, ulysses=2), ["dp (3) × cfg (1) × ring (1) × ulysses (2) = 6", "world_size is 4"]),
+    (dict(world_size=4, cfg=3), ["cfg must be 1 or 2", "got 3"]),
+    (dict(world_size=6, cfg=2, ulysses=2), ["world_size (6)", "cfg (2) × ring (1) × ulysses (2) = 4"]),
     (dict(world_size=0), ["world_size must be an integer ≥ 1"]),
     (dict(device="tpu"), ["device='tpu'", "cpu, cuda"]),
     (dict(dtype="float8"), ["dtype='float8'"]),
@@ -45,14 +49,15 @@ def test_invalid_configs_name_the_input(kwargs, words):
 
 
 @given(world=st.integers(-2, 9), dp=st.integers(-1, 9), ring=st.integers(-1, 5), ulysses=st.integers(-1, 5),
-       device=st.sampled_from(["cpu", "cuda", "x"]), gpr=st.integers(0, 3))
+       device=st.sampled_from(["cpu", "cuda", "x"]), gpr=st.integers(0, 3), cfg=st.integers(0, 3))
 @settings(max_examples=300, deadline=None)
-def test_config_either_validates_or_raises_config_error(world, dp, ring, ulysses, device, gpr):
+def test_config_either_validates_or_raises_config_error(world, dp, ring, ulysses, device, gpr, cfg):
     try:
-        c = SessionConfig(world_size=world, dp=dp, ring=ring, ulysses=ulysses, device=device, gpus_per_rank=gpr)
+        c = SessionConfig(world_size=world, dp=dp, cfg=cfg, ring=ring, ulysses=ulysses, device=device,
+                          gpus_per_rank=gpr)
     except ConfigError:
         return
-    assert c.dp * c.ring * c.ulysses == c.world_size
+    assert c.dp * c.cfg * c.ring * c.ulysses == c.world_size
 
 
 @given(n=st.integers(0, 50), k=st.integers(1, 9))

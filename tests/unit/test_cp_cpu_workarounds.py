@@ -67,9 +67,9 @@ def test_build_mesh_checks_the_world_size():
         pytest.skip("another test left a default process group behind")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        with pytest.raises(ConfigError, match=r"dp \(2\) × ring \(1\) × ulysses \(2\) = 4, but world_size is 1"):
+        with pytest.raises(ConfigError, match=r"dp \(2\) × cfg \(1\) × ring \(1\) × ulysses \(2\) = 4, but world_size is 1"):
             build_mesh(device_type="cpu", dp=2, ring=1, ulysses=2)
         mesh = build_mesh(device_type="cpu", dp=1, ring=1, ulysses=1)
-        assert mesh.mesh_dim_names == ("dp", "ring", "ulysses") and tuple(mesh["ring", "ulysses"].shape) == (1, 1)
+        assert mesh.mesh_dim_names == ("dp", "cfg", "ring", "ulysses") and tuple(mesh["ring", "ulysses"].shape) == (1, 1)
     finally:
         dist.destroy_process_group()
