@@ -17,7 +17,7 @@ def _config_from_args(args: argparse.Namespace):
     from .config import SessionConfig
 
     return SessionConfig(
-        world_size=args.world_size, dp=args.dp, ring=args.ring, ulysses=args.ulysses,
+        world_size=args.world_size, dp=args.dp, cfg=args.cfg, ring=args.ring, ulysses=args.ulysses,
         gpus_per_rank=args.gpus_per_rank, device=args.device, device_map=args.device_map,
         max_memory=args.max_memory, dtype=args.dtype, attention_backend=args.attention_backend,
         offload=args.offload, threads_per_rank=args.threads_per_rank,
@@ -27,7 +27,9 @@ def _config_from_args(args: argparse.Namespace):
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parallelism")
     g.add_argument("--world-size", type=int, default=1, help="number of rank processes")
-    g.add_argument("--dp", type=int, default=0, help="data-parallel degree (0 = world / (ring × ulysses))")
+    g.add_argument("--dp", type=int, default=0, help="data-parallel degree (0 = world / (cfg × ring × ulysses))")
+    g.add_argument("--cfg", type=int, default=1, choices=[1, 2],
+                   help="CFG-parallel degree: 2 computes the prompt and negative-prompt branches on two halves at once")
     g.add_argument("--ring", type=int, default=1, help="Ring-attention degree")
     g.add_argument("--ulysses", type=int, default=1, help="Ulysses-attention degree")
     g.add_argument("--gpus-per-rank", type=int, default=1, help="GPUs per rank (device_map sharding)")
@@ -51,7 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         latents, images = session.generate(
             model_dir=args.model, prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-            images_per_prompt=args.images_per_prompt, num_frames=args.num_frames,
+            images_per_prompt=args.images_per_prompt, num_frames=args.num_frames, true_cfg_scale=args.true_cfg,
         )
     finally:
         session.close()
@@ -63,6 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.save({"latents": latents, "images": images}, Path(args.out) / "tensors.pt")
     summary = {
         "strategy": config.strategy, "ranks": config.world_size, "device": config.device.value,
+        "cfg": config.cfg,
         "seconds": {**session.timings.stages, "total": round(time.monotonic() - t0, 4)},
         "images": paths,
     }
@@ -96,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--images-per-prompt", type=int, default=1)
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--guidance", type=float, default=3.5)
+    gen.add_argument("--true-cfg", type=float, default=1.0,
+                     help="Flux only: true CFG scale with the negative prompt (> 1 = on; doubles the transformer work)")
     gen.add_argument("--height", type=int, default=1024)
     gen.add_argument("--width", type=int, default=1024)
     gen.add_argument("--num-frames", type=int, default=1, help="frames for a video family (Wan: 4k+1)")

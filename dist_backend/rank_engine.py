@@ -132,7 +132,8 @@ class RankEngine:
         cond = message["cond"]
         total = len(items) * message["steps"]
         latents = []
-        cfg_forwards = 0  # transformer forwards this rank computed under CFG parallel (one per step, not two)
+        # Under CFG parallel: forwards this rank computed (one per step, not two), exchanges and bytes it sent.
+        cfg_stats = {"forwards": 0, "exchanges": 0, "bytes_sent": 0}
         pipe = self.residency.ensure(self.adapter.denoise_components)
         try:
             if self.config.cp_degree > 1:
@@ -152,13 +153,15 @@ class RankEngine:
                                                   on_step=on_step)
                 latents.append(latent)
                 if split is not None:
-                    cfg_forwards += split.forwards
+                    cfg_stats["forwards"] += split.forwards
+                    cfg_stats["exchanges"] += split.exchanges
+                    cfg_stats["bytes_sent"] += split.bytes_sent
             mode = cp_mode_of(pipe.transformer) if self.config.cp_degree > 1 else None  # before staged release
         finally:
             if self.config.offload is Offload.STAGED:
                 self.residency.release(self.adapter.denoise_components)
         return {"latents": latents if self.is_leader else None, "cp_mode": mode,
-                "cfg_forwards": cfg_forwards if self.config.cfg > 1 else None}
+                "cfg": cfg_stats if self.config.cfg > 1 else None}
 
     def op_decode(self, message: dict) -> dict:
         self._require_model()

@@ -56,7 +56,8 @@ class Session:
         self.starts = 0
         self.timings = Timings()
         self.last_cp_modes: list[str | None] = []
-        self.last_cfg_forwards: list[int | None] = []  # per rank: transformer forwards computed under cfg = 2
+        # Per rank, under cfg = 2: {"forwards", "exchanges", "bytes_sent"} of the last denoise (None with cfg = 1).
+        self.last_cfg_stats: list[dict[str, int] | None] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
@@ -171,7 +172,7 @@ class Session:
                                         stepped=True)
             self.timings.add("denoise", time.monotonic() - t0)
         self.last_cp_modes = [r["cp_mode"] for r in results]  # what each rank really ran (tests check it)
-        self.last_cfg_forwards = [r.get("cfg_forwards") for r in results]
+        self.last_cfg_stats = [r.get("cfg") for r in results]
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
         return torch.cat(latents, dim=0)
 

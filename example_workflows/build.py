@@ -17,9 +17,10 @@ TINY_MODEL = "distdiff-tiny-flux"  # tests put the tiny Flux pipeline under this
 # position. "seed" is followed by ComfyUI's control_after_generate value.
 WIDGETS = {
     "LoadSharded": ["model", "ranks", "dp", "ring", "ulysses", "device", "dtype", "offload", "gpus_per_rank",
-                    "device_map", "max_memory", "attention_backend", "model_path"],
+                    "device_map", "max_memory", "attention_backend", "model_path", "cfg"],
     "EncodeOnGPUs": ["prompt", "negative_prompt"],
-    "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames"],
+    "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames",
+                        "true_cfg_scale"],
     "DecodeVAE": [],
     "SaveImage": ["filename_prefix"],
 }
@@ -38,8 +39,9 @@ NODE_ID = {name: str(i + 1) for i, name in enumerate(ORDER)}
 
 BASE_LOAD = dict(model=TINY_MODEL, ranks=2, dp=0, ring=1, ulysses=1, device="cpu", dtype="float32",
                  offload="resident", gpus_per_rank=1, device_map="none", max_memory="", attention_backend="",
-                 model_path="")
-BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1)
+                 model_path="", cfg=1)
+BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1,
+                    true_cfg_scale=1.0)
 
 EXAMPLES = {
     "data_parallel": dict(load={}, prompt="a red fox in the snow\na lighthouse at dusk\na bowl of ramen",
@@ -50,6 +52,9 @@ EXAMPLES = {
                               note="staged load/free (on GPUs: gpus_per_rank=2, device_map=balanced)"),
     "hybrid_dp_ulysses": dict(load=dict(ranks=4, ulysses=2), prompt="a red fox in the snow\na lighthouse at dusk",
                               note="4 ranks = 2 data-parallel groups × 2 Ulysses"),
+    "cfg_parallel": dict(load=dict(cfg=2), prompt="a red fox in the snow", negative="blurry, low quality",
+                         denoise=dict(true_cfg_scale=2.0),
+                         note="CFG parallel: prompt and negative-prompt branches on 2 ranks at once (Flux true CFG)"),
 }
 
 
@@ -57,9 +62,9 @@ def node_values(name: str, example: dict) -> dict:
     if name == "LoadSharded":
         return {**BASE_LOAD, **example["load"]}
     if name == "EncodeOnGPUs":
-        return {"prompt": example["prompt"], "negative_prompt": ""}
+        return {"prompt": example["prompt"], "negative_prompt": example.get("negative", "")}
     if name == "ParallelDenoise":
-        return dict(BASE_DENOISE)
+        return {**BASE_DENOISE, **example.get("denoise", {})}
     if name == "SaveImage":
         return {"filename_prefix": "distdiff"}
     return {}

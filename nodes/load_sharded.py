@@ -9,8 +9,8 @@ from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, li
 class LoadSharded:
     DESCRIPTION = ("Loads a diffusers pipeline on a sidecar of rank processes (one per GPU, or CPU ranks) that "
                    "stays up between runs. Choose data parallel (dp), context parallel (ring / ulysses) or "
-                   "device_map sharding (gpus_per_rank > 1); the product dp × ring × ulysses × gpus_per_rank is "
-                   "the number of GPUs used.")
+                   "device_map sharding (gpus_per_rank > 1), and CFG parallel (cfg = 2); the product dp × cfg × ring × "
+                   "ulysses × gpus_per_rank is the number of GPUs used.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPELINE,)
     RETURN_NAMES = ("pipeline",)
@@ -48,6 +48,10 @@ class LoadSharded:
                                                  "tooltip": "diffusers attention backend, e.g. flash or _native_cudnn (empty = native)."}),
                 "model_path": ("STRING", {"default": "",
                                           "tooltip": "Absolute path of a diffusers folder; overrides model when set."}),
+                "cfg": ("INT", {"default": 1, "min": 1, "max": 2,
+                                "tooltip": "CFG parallel: 2 computes the prompt and negative-prompt branches of each "
+                                           "step on two halves of the ranks at once (needs guidance > 1 and a "
+                                           "negative prompt; ranks = dp × cfg × ring × ulysses)."}),
             },
         }
 
@@ -60,7 +64,7 @@ class LoadSharded:
         return f"{id(session)}:{session.starts if session else 0}:{session.alive() if session else False}"
 
     def load(self, model, ranks, dp, ring, ulysses, device, dtype, offload, gpus_per_rank=1, device_map="none",
-             max_memory="", attention_backend="", model_path=""):
+             max_memory="", attention_backend="", model_path="", cfg=1):
         from ..dist_backend.config import SessionConfig
         from ..dist_backend.session import get_session
 
@@ -70,7 +74,7 @@ class LoadSharded:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and dtype == "float16":
             dtype = "bfloat16"  # the node default is for GPUs; CPU kernels want bf16/fp32
-        config = SessionConfig(world_size=ranks, dp=dp, ring=ring, ulysses=ulysses, device=device, dtype=dtype,
+        config = SessionConfig(world_size=ranks, dp=dp, cfg=cfg, ring=ring, ulysses=ulysses, device=device, dtype=dtype,
                                offload=offload, gpus_per_rank=gpus_per_rank, device_map=device_map,
                                max_memory=max_memory.strip(), attention_backend=attention_backend.strip())
         model_dir = resolve_model(model, model_path)

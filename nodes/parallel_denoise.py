@@ -31,14 +31,18 @@ class ParallelDenoise:
             "optional": {
                 "num_frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4,
                                        "tooltip": "Video families (Wan): frames, 4k+1. Ignored (must be 1) for images."}),
+                "true_cfg_scale": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 100.0, "step": 0.1,
+                                             "tooltip": "Flux only: true CFG with the negative prompt when > 1 "
+                                                        "(twice the transformer work; 1 = off)."}),
             },
         }
 
-    def denoise(self, pipeline, conditioning, seed, images_per_prompt, steps, guidance, width, height, num_frames=1):
+    def denoise(self, pipeline, conditioning, seed, images_per_prompt, steps, guidance, width, height, num_frames=1,
+                true_cfg_scale=1.0):
         session = pipeline.session()
         total = len(conditioning.prompts) * images_per_prompt * steps
         latents = run_cancellable(lambda: session.denoise(
             conditioning, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
-            images_per_prompt=images_per_prompt, num_frames=num_frames,
+            images_per_prompt=images_per_prompt, num_frames=num_frames, true_cfg_scale=true_cfg_scale,
             on_progress=comfy_progress(total), should_cancel=comfy_should_cancel()))
         return ({"samples": latents},)

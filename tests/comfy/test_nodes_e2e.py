@@ -78,7 +78,11 @@ def cli_pixels(prompt: dict, model_dir: Path, out: Path) -> list[np.ndarray]:
            "--images-per-prompt", str(den["images_per_prompt"]),
            "--world-size", str(load_in["ranks"]), "--dp", str(load_in["dp"]), "--ring", str(load_in["ring"]),
            "--ulysses", str(load_in["ulysses"]), "--dtype", load_in["dtype"], "--device", load_in["device"],
-           "--offload", load_in["offload"], "--save-tensors"]
+           "--offload", load_in["offload"], "--save-tensors",
+           "--cfg", str(load_in.get("cfg", 1)), "--true-cfg", str(den.get("true_cfg_scale", 1.0))]
+    negative = prompt[node_id(prompt, "EncodeOnGPUs")]["inputs"].get("negative_prompt", "").strip()
+    if negative:
+        cmd += ["--negative-prompt", negative]
     for p in prompts:
         cmd += ["--prompt", p]
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -51,5 +51,13 @@ def test_bad_input_exits_2_with_the_fix_and_starts_nothing(tiny_dirs, tmp_path):
     done = run_cli("generate", "--model", str(tiny_dirs["flux"]), "--prompt", "x", "--world-size", "4", "--dp", "3",
                    "--ulysses", "2", "--height", "64", "--width", "64", "--out", str(tmp_path))
     assert done.returncode == 2
-    assert "dp (3) × ring (1) × ulysses (2) = 6, but world_size is 4" in done.stderr
+    assert "dp (3) × cfg (1) × ring (1) × ulysses (2) = 6, but world_size is 4" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_cfg_parallel_without_cfg_is_refused_before_any_rank(tiny_dirs, tmp_path):
+    done = run_cli("generate", "--model", str(tiny_dirs["flux"]), "--prompt", "x", "--negative-prompt", "y",
+                   "--world-size", "2", "--cfg", "2", "--height", "64", "--width", "64", "--out", str(tmp_path))
+    assert done.returncode == 2
+    assert "cfg=2 (CFG parallel) needs classifier-free guidance" in done.stderr and "true_cfg_scale" in done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())

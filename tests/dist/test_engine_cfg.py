@@ -53,7 +53,10 @@ def test_cfg_parallel_matches_single_process(cfg_session, family, tiny_dirs, tin
     assert latents.shape == expected.shape
     assert diff <= TOL
     # Each rank computed one transformer forward per step (its branch), not two: the split really ran.
-    assert session.last_cfg_forwards == [STEPS] * session.config.world_size, session.last_cfg_forwards
+    stats = session.last_cfg_stats
+    assert [s["forwards"] for s in stats] == [STEPS] * session.config.world_size, stats
+    # One exchange per step, of one prediction (the packed/patched latent shape) per rank.
+    assert all(s["exchanges"] == STEPS and s["bytes_sent"] == STEPS * expected.numel() * 4 for s in stats), stats
     if session.config.ulysses > 1:
         assert set(session.last_cp_modes) <= {"ulysses", "ulysses_anything"}, session.last_cp_modes
 
