@@ -26,6 +26,10 @@ Ulysses waits for each all-to-all; its Ring gathers K/V before the first chunk).
 attention layers, S = 4608 joint tokens, d = 3072, 2 bytes: Ulysses L × 4 × (N-1)/N × S/N × d × 2 (4 all-to-alls:
 Q, K, V, O); Ring L × 2 × (N-1) × S/N × d × 2 (the other N-1 ranks' K and V shards). Anchors: xDiT on H100,
 compiled: 1.60× at N = 2, 2.64× at N = 4.
+
+CFG parallel (true-CFG step = 2 forwards): cfg2 on 2 GPUs = one full forward each + one exchange of the prediction
+(S_img × in_channels × 2 bytes); cfg2 × ulysses N on 2N GPUs = the Ulysses share at N + its bytes + that exchange;
+both against one GPU doing the two forwards.
 """
 
 from __future__ import annotations
@@ -373,6 +377,24 @@ def main() -> int:
         rows.append([f"N={n_} floor: S/N tokens, local attention only", n_, f"{1000 * local['median_s']:.1f}",
                      host_ms(local), f"{local['tflops']:.3g}", f"{local['tflops'] * 1e12 / peak:.2f}", "", "", "", "",
                      ""])
+    # CFG parallel (a true-CFG step = two forwards on one GPU): each half computes one forward (alone, or its CP
+    # share), then the halves exchange one noise prediction [S_img, in_channels] (one all_gather). Speedup is against
+    # one GPU doing both forwards. No new measurement: it reuses the shares above.
+    pred_bytes = s_img * cfg["in_channels"] * 2
+    halves = {1: (full, 0.0, 0)}
+    for n_ in DEGREES:
+        if f"ulysses{n_}" in measured:
+            halves[n_] = (measured[f"ulysses{n_}"]["median_s"], predictions[f"ulysses{n_}"]["bytes_per_rank"],
+                          predictions[f"ulysses{n_}"]["collectives"])
+    for n_, (share, cp_bytes, cp_collectives) in halves.items():
+        speed = {link: 2 * full / (share + (cp_bytes + pred_bytes) / bw + (cp_collectives + 1) * args.alpha_us * 1e-6)
+                 for link, bw in LINKS.items()}
+        label = "cfg2" if n_ == 1 else f"cfg2×ulysses{n_}"
+        predictions[label] = {"gpus": 2 * n_, "bytes_per_rank": cp_bytes + pred_bytes,
+                              "collectives": cp_collectives + 1, "speedup_vs_1gpu_cfg_step": speed}
+        rows.append([f"{label} ({2 * n_} GPUs): one forward each + 1 exchange, vs 2 forwards on 1 GPU", 2 * n_,
+                     f"{1000 * share:.1f}", "", "", "", f"{(cp_bytes + pred_bytes) / 1e6:.4g}",
+                     *(f"{v:.2f}" for v in speed.values()), "", ""])
     headers = ["config", "N", "ms", "CPU issue ms", "TFLOP/s", "of peak", "MB/rank/step",
                *(f"speedup {k}" for k in LINKS),
                "xDiT anchor", "goal"]
