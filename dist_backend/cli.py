@@ -20,7 +20,7 @@ def _config_from_args(args: argparse.Namespace):
         world_size=args.world_size, dp=args.dp, cfg=args.cfg, ring=args.ring, ulysses=args.ulysses,
         gpus_per_rank=args.gpus_per_rank, device=args.device, device_map=args.device_map,
         max_memory=args.max_memory, dtype=args.dtype, attention_backend=args.attention_backend,
-        offload=args.offload, threads_per_rank=args.threads_per_rank,
+        offload=args.offload, threads_per_rank=args.threads_per_rank, compile=args.compile,
     )
 
 
@@ -40,6 +40,8 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="", help="diffusers attention backend (default: native)")
     g.add_argument("--offload", default="resident", choices=["resident", "staged"])
     g.add_argument("--threads-per-rank", type=int, default=0, help="CPU threads per rank (0 = cores / world)")
+    g.add_argument("--compile", default="none", choices=["none", "regional"],
+                   help="regional: torch.compile the transformer's repeated block once (first call pays the compile)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -65,7 +67,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.save({"latents": latents, "images": images}, Path(args.out) / "tensors.pt")
     summary = {
         "strategy": config.strategy, "ranks": config.world_size, "device": config.device.value,
-        "cfg": config.cfg,
+        "cfg": config.cfg, "compile": config.compile.value,
+        "graphs_compiled": max(session.last_graphs_compiled, default=0),
         "seconds": {**session.timings.stages, "total": round(time.monotonic() - t0, 4)},
         "images": paths,
     }

@@ -29,6 +29,11 @@ class Offload(str, enum.Enum):
     STAGED = "staged"  # text encoders freed after encode, transformer after denoise (the guide's staged load/free)
 
 
+class Compile(str, enum.Enum):
+    NONE = "none"  # eager
+    REGIONAL = "regional"  # torch.compile of the transformer's repeated block (diffusers' compile_repeated_blocks)
+
+
 class DeviceMapPolicy(str, enum.Enum):
     NONE = "none"  # each component whole on the rank's first device
     BALANCED = "balanced"  # components spread over the rank's GPUs; transformer split by accelerate ("auto")
@@ -77,6 +82,9 @@ class SessionConfig:
     """diffusers attention backend name ("" = native SDPA; e.g. "flash", "_native_cudnn" on CUDA)."""
     offload: Offload = Offload.RESIDENT
     """Keep every component resident, or free them stage by stage."""
+    compile: Compile = Compile.NONE
+    """"regional": torch.compile the transformer's repeated block once (after CP is enabled), kept across calls;
+    the first call of a new size pays the compile (see docs/PERFORMANCE.md for what triggers one)."""
     threads_per_rank: int = 0
     """torch CPU threads per rank; 0 = cores / world_size (at least 1)."""
     host: str = "127.0.0.1"
@@ -91,7 +99,8 @@ class SessionConfig:
     """Extra environment variables for the rank processes."""
 
     def __post_init__(self) -> None:
-        for name, cls in (("device", Device), ("dtype", DType), ("offload", Offload), ("device_map", DeviceMapPolicy)):
+        for name, cls in (("device", Device), ("dtype", DType), ("offload", Offload), ("device_map", DeviceMapPolicy),
+                          ("compile", Compile)):
             object.__setattr__(self, name, _enum(cls, getattr(self, name), name))
         object.__setattr__(self, "gpu_ids", tuple(int(g) for g in self.gpu_ids))
         object.__setattr__(self, "env", tuple((str(k), str(v)) for k, v in self.env))

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import faults, protocol
-from .config import Offload, SessionConfig
+from .config import Compile, Offload, SessionConfig
 from .errors import Cancelled, ConfigError
 from .pipelines.base import ImageRequest
 
@@ -135,9 +135,12 @@ class RankEngine:
         # Under CFG parallel: forwards this rank computed (one per step, not two), exchanges and bytes it sent.
         cfg_stats = {"forwards": 0, "exchanges": 0, "bytes_sent": 0}
         pipe = self.residency.ensure(self.adapter.denoise_components)
+        graphs_before = self._graphs_compiled()
         try:
             if self.config.cp_degree > 1:
                 self._set_cp_mode(pipe.transformer, message["cp_lengths"])
+            if self.config.compile is Compile.REGIONAL:
+                self._compile(pipe)  # after CP: the compiled blocks contain the CP attention
             for index, (key, seed) in enumerate(items):
                 request = ImageRequest(seed=seed, steps=message["steps"], guidance=message["guidance"],
                                        height=message["height"], width=message["width"],
@@ -161,7 +164,8 @@ class RankEngine:
             if self.config.offload is Offload.STAGED:
                 self.residency.release(self.adapter.denoise_components)
         return {"latents": latents if self.is_leader else None, "cp_mode": mode,
-                "cfg": cfg_stats if self.config.cfg > 1 else None}
+                "cfg": cfg_stats if self.config.cfg > 1 else None,
+                "graphs_compiled": self._graphs_compiled() - graphs_before}
 
     def op_decode(self, message: dict) -> dict:
         self._require_model()
@@ -201,8 +205,27 @@ class RankEngine:
             return
         if current is not None:
             disable_context_parallel(transformer)
+            if self.config.compile is Compile.REGIONAL:
+                from .strategies.regional_compile import reset_compiled
+
+                reset_compiled()  # graphs traced with the old CP hooks must not be reused
         enable_context_parallel(transformer, ring=ring, ulysses=ulysses, mesh=self.mesh, seq_lengths=lengths,
                                 attention_backend=self.config.attention_backend or None)
+
+    def _compile(self, pipe) -> None:
+        from .strategies.regional_compile import compile_regions
+
+        for name in ("transformer", "transformer_2"):
+            model = getattr(pipe, name, None)
+            if model is not None:
+                compile_regions(model)
+
+    def _graphs_compiled(self) -> int:
+        if self.config.compile is Compile.NONE:
+            return 0
+        from .strategies.regional_compile import graphs_compiled
+
+        return graphs_compiled()
 
     def _cfg_split(self, pipe, cond: dict, request: ImageRequest):
         """With cfg = 2: this half computes only its guidance branch during the call (strategies/cfg_parallel.py)."""

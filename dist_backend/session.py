@@ -58,6 +58,7 @@ class Session:
         self.last_cp_modes: list[str | None] = []
         # Per rank, under cfg = 2: {"forwards", "exchanges", "bytes_sent"} of the last denoise (None with cfg = 1).
         self.last_cfg_stats: list[dict[str, int] | None] = []
+        self.last_graphs_compiled: list[int] = []  # per rank: graphs torch.compile built during the last denoise
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
@@ -173,6 +174,7 @@ class Session:
             self.timings.add("denoise", time.monotonic() - t0)
         self.last_cp_modes = [r["cp_mode"] for r in results]  # what each rank really ran (tests check it)
         self.last_cfg_stats = [r.get("cfg") for r in results]
+        self.last_graphs_compiled = [int(r.get("graphs_compiled", 0)) for r in results]
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
         return torch.cat(latents, dim=0)
 

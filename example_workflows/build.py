@@ -17,7 +17,7 @@ TINY_MODEL = "distdiff-tiny-flux"  # tests put the tiny Flux pipeline under this
 # position. "seed" is followed by ComfyUI's control_after_generate value.
 WIDGETS = {
     "LoadSharded": ["model", "ranks", "dp", "ring", "ulysses", "device", "dtype", "offload", "gpus_per_rank",
-                    "device_map", "max_memory", "attention_backend", "model_path", "cfg"],
+                    "device_map", "max_memory", "attention_backend", "model_path", "cfg", "compile"],
     "EncodeOnGPUs": ["prompt", "negative_prompt"],
     "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames",
                         "true_cfg_scale"],
@@ -39,7 +39,7 @@ NODE_ID = {name: str(i + 1) for i, name in enumerate(ORDER)}
 
 BASE_LOAD = dict(model=TINY_MODEL, ranks=2, dp=0, ring=1, ulysses=1, device="cpu", dtype="float32",
                  offload="resident", gpus_per_rank=1, device_map="none", max_memory="", attention_backend="",
-                 model_path="", cfg=1)
+                 model_path="", cfg=1, compile="none")
 BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1,
                     true_cfg_scale=1.0)
 
@@ -55,6 +55,8 @@ EXAMPLES = {
     "cfg_parallel": dict(load=dict(cfg=2), prompt="a red fox in the snow", negative="blurry, low quality",
                          denoise=dict(true_cfg_scale=2.0),
                          note="CFG parallel: prompt and negative-prompt branches on 2 ranks at once (Flux true CFG)"),
+    "regional_compile": dict(load=dict(ulysses=2, compile="regional"), prompt="a red fox in the snow",
+                             note="Ulysses on 2 ranks with the transformer's repeated block torch.compiled once"),
 }
 
 

@@ -52,6 +52,10 @@ class LoadSharded:
                                 "tooltip": "CFG parallel: 2 computes the prompt and negative-prompt branches of each "
                                            "step on two halves of the ranks at once (needs guidance > 1 and a "
                                            "negative prompt; ranks = dp × cfg × ring × ulysses)."}),
+                "compile": (["none", "regional"], {"default": "none",
+                                                   "tooltip": "regional: torch.compile the transformer's repeated "
+                                                              "block once; the first run of a new size pays the "
+                                                              "compile, later runs are faster."}),
             },
         }
 
@@ -64,7 +68,7 @@ class LoadSharded:
         return f"{id(session)}:{session.starts if session else 0}:{session.alive() if session else False}"
 
     def load(self, model, ranks, dp, ring, ulysses, device, dtype, offload, gpus_per_rank=1, device_map="none",
-             max_memory="", attention_backend="", model_path="", cfg=1):
+             max_memory="", attention_backend="", model_path="", cfg=1, compile="none"):
         from ..dist_backend.config import SessionConfig
         from ..dist_backend.session import get_session
 
@@ -76,7 +80,8 @@ class LoadSharded:
             dtype = "bfloat16"  # the node default is for GPUs; CPU kernels want bf16/fp32
         config = SessionConfig(world_size=ranks, dp=dp, cfg=cfg, ring=ring, ulysses=ulysses, device=device, dtype=dtype,
                                offload=offload, gpus_per_rank=gpus_per_rank, device_map=device_map,
-                               max_memory=max_memory.strip(), attention_backend=attention_backend.strip())
+                               max_memory=max_memory.strip(), attention_backend=attention_backend.strip(),
+                               compile=compile)
         model_dir = resolve_model(model, model_path)
         session = get_session(config)
         info = run_cancellable(lambda: session.load(model_dir, should_cancel=comfy_should_cancel()))

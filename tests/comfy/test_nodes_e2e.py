@@ -79,7 +79,8 @@ def cli_pixels(prompt: dict, model_dir: Path, out: Path) -> list[np.ndarray]:
            "--world-size", str(load_in["ranks"]), "--dp", str(load_in["dp"]), "--ring", str(load_in["ring"]),
            "--ulysses", str(load_in["ulysses"]), "--dtype", load_in["dtype"], "--device", load_in["device"],
            "--offload", load_in["offload"], "--save-tensors",
-           "--cfg", str(load_in.get("cfg", 1)), "--true-cfg", str(den.get("true_cfg_scale", 1.0))]
+           "--cfg", str(load_in.get("cfg", 1)), "--true-cfg", str(den.get("true_cfg_scale", 1.0)),
+           "--compile", load_in.get("compile", "none")]
     negative = prompt[node_id(prompt, "EncodeOnGPUs")]["inputs"].get("negative_prompt", "").strip()
     if negative:
         cmd += ["--negative-prompt", negative]
