@@ -20,7 +20,8 @@ def _config_from_args(args: argparse.Namespace):
         world_size=args.world_size, dp=args.dp, cfg=args.cfg, ring=args.ring, ulysses=args.ulysses,
         gpus_per_rank=args.gpus_per_rank, device=args.device, device_map=args.device_map,
         max_memory=args.max_memory, dtype=args.dtype, attention_backend=args.attention_backend,
-        offload=args.offload, threads_per_rank=args.threads_per_rank, compile=args.compile,
+        offload=args.offload, threads_per_rank=args.threads_per_rank, compile=args.compile, cache=args.cache,
+        cache_threshold=args.cache_threshold,
     )
 
 
@@ -42,6 +43,10 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-rank", type=int, default=0, help="CPU threads per rank (0 = cores / world)")
     g.add_argument("--compile", default="none", choices=["none", "regional"],
                    help="regional: torch.compile the transformer's repeated block once (first call pays the compile)")
+    g.add_argument("--cache", default="none", choices=["none", "first_block", "taylorseer", "magcache"],
+                   help="step caching with diffusers' cache hooks (faster, not exact)")
+    g.add_argument("--cache-threshold", type=float, default=0.0,
+                   help="first_block / magcache threshold (0 = diffusers' default; higher skips more)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -67,8 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.save({"latents": latents, "images": images}, Path(args.out) / "tensors.pt")
     summary = {
         "strategy": config.strategy, "ranks": config.world_size, "device": config.device.value,
-        "cfg": config.cfg, "compile": config.compile.value,
-        "graphs_compiled": max(session.last_graphs_compiled, default=0),
+        **session.last_run,  # cfg degree, compile and graphs compiled, cache and forwards skipped
         "seconds": {**session.timings.stages, "total": round(time.monotonic() - t0, 4)},
         "images": paths,
     }

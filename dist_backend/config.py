@@ -34,6 +34,15 @@ class Compile(str, enum.Enum):
     REGIONAL = "regional"  # torch.compile of the transformer's repeated block (diffusers' compile_repeated_blocks)
 
 
+class CacheMode(str, enum.Enum):
+    """diffusers' step caches (dist_backend/strategies/step_cache.py)."""
+
+    NONE = "none"
+    FIRST_BLOCK = "first_block"  # skip the other blocks when the first block's residual changed < threshold
+    TAYLORSEER = "taylorseer"  # predict block outputs by Taylor expansion between full steps (fixed schedule)
+    MAGCACHE = "magcache"  # skip by precomputed magnitude ratios (Flux only: diffusers ships its ratios)
+
+
 class DeviceMapPolicy(str, enum.Enum):
     NONE = "none"  # each component whole on the rank's first device
     BALANCED = "balanced"  # components spread over the rank's GPUs; transformer split by accelerate ("auto")
@@ -85,6 +94,10 @@ class SessionConfig:
     compile: Compile = Compile.NONE
     """"regional": torch.compile the transformer's repeated block once (after CP is enabled), kept across calls;
     the first call of a new size pays the compile (see docs/PERFORMANCE.md for what triggers one)."""
+    cache: CacheMode = CacheMode.NONE
+    """Step caching through diffusers' cache hooks; trades exactness for speed (see docs/PERFORMANCE.md)."""
+    cache_threshold: float = 0.0
+    """first_block / magcache threshold; 0 = diffusers' default (0.05 / 0.06). Higher skips more."""
     threads_per_rank: int = 0
     """torch CPU threads per rank; 0 = cores / world_size (at least 1)."""
     host: str = "127.0.0.1"
@@ -100,7 +113,7 @@ class SessionConfig:
 
     def __post_init__(self) -> None:
         for name, cls in (("device", Device), ("dtype", DType), ("offload", Offload), ("device_map", DeviceMapPolicy),
-                          ("compile", Compile)):
+                          ("compile", Compile), ("cache", CacheMode)):
             object.__setattr__(self, name, _enum(cls, getattr(self, name), name))
         object.__setattr__(self, "gpu_ids", tuple(int(g) for g in self.gpu_ids))
         object.__setattr__(self, "env", tuple((str(k), str(v)) for k, v in self.env))
@@ -165,6 +178,20 @@ class SessionConfig:
         for name in ("start_timeout_s", "call_timeout_s", "heartbeat_timeout_s"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
+        if not isinstance(self.cache_threshold, (int, float)) or self.cache_threshold < 0:
+            raise ConfigError(f"cache_threshold must be ≥ 0 (0 = diffusers' default), got {self.cache_threshold!r}")
+        if self.cache is CacheMode.TAYLORSEER and self.cache_threshold:
+            raise ConfigError("cache='taylorseer' has no threshold (it computes every 5th step after 3 warm-up steps, "
+                              "diffusers' defaults); leave cache_threshold at 0")
+        if self.cache is CacheMode.NONE and self.cache_threshold:
+            raise ConfigError(f"cache_threshold={self.cache_threshold} needs a cache; set cache='first_block' or "
+                              "'magcache'")
+        if self.cache is not CacheMode.NONE and self.cfg > 1:
+            raise ConfigError(f"cache={self.cache.value!r} with cfg=2 is not supported yet (not proven equal to one "
+                              "process); use one of them")
+        if self.cache is not CacheMode.NONE and self.compile is Compile.REGIONAL:
+            raise ConfigError(f"cache={self.cache.value!r} with compile='regional' is not supported yet (not proven "
+                              "equal to one process); use one of them")
         if self.threads_per_rank < 0:
             raise ConfigError(f"threads_per_rank must be ≥ 0 (0 = automatic), got {self.threads_per_rank}")
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import faults, protocol
-from .config import Compile, Offload, SessionConfig
+from .config import CacheMode, Compile, Offload, SessionConfig
 from .errors import Cancelled, ConfigError
 from .pipelines.base import ImageRequest
 
@@ -52,6 +52,9 @@ class RankEngine:
                 group = dist.new_group(ranks=list(range(index * size, (index + 1) * size)))
                 if index == self.dp_index:
                     self.image_group = group
+        # The ranks sharing one image's tokens (a step cache decides over them). With cfg = 1 that is the whole
+        # image group; the config refuses a cache with cfg = 2, so no per-half group is needed yet.
+        self.cp_group = self.image_group if config.cfg == 1 and cp > 1 else None
         self.residency = None
         self.adapter = None
         self.model_info: dict[str, Any] | None = None
@@ -134,6 +137,7 @@ class RankEngine:
         latents = []
         # Under CFG parallel: forwards this rank computed (one per step, not two), exchanges and bytes it sent.
         cfg_stats = {"forwards": 0, "exchanges": 0, "bytes_sent": 0}
+        cache_stats = {"forwards": 0, "skipped": 0}  # step cache decisions over this call's images
         pipe = self.residency.ensure(self.adapter.denoise_components)
         graphs_before = self._graphs_compiled()
         try:
@@ -151,9 +155,13 @@ class RankEngine:
                 def on_step(done: int, steps: int, _before: int = done_before) -> None:
                     self._step_boundary(_before + done, total)
 
-                with torch.inference_mode(), self._cfg_split(pipe, cond[key], request) as split:
+                with torch.inference_mode(), self._cfg_split(pipe, cond[key], request) as split, \
+                        self._step_cache(pipe, request) as cached:
                     latent = self.adapter.denoise(pipe, cond=cond[key], request=request, device=self.device,
                                                   on_step=on_step)
+                if cached is not None:
+                    cache_stats["forwards"] += cached.forwards
+                    cache_stats["skipped"] += cached.skipped
                 latents.append(latent)
                 if split is not None:
                     cfg_stats["forwards"] += split.forwards
@@ -165,7 +173,8 @@ class RankEngine:
                 self.residency.release(self.adapter.denoise_components)
         return {"latents": latents if self.is_leader else None, "cp_mode": mode,
                 "cfg": cfg_stats if self.config.cfg > 1 else None,
-                "graphs_compiled": self._graphs_compiled() - graphs_before}
+                "graphs_compiled": self._graphs_compiled() - graphs_before,
+                "cache": cache_stats if self.config.cache is not CacheMode.NONE else None}
 
     def op_decode(self, message: dict) -> dict:
         self._require_model()
@@ -211,6 +220,16 @@ class RankEngine:
                 reset_compiled()  # graphs traced with the old CP hooks must not be reused
         enable_context_parallel(transformer, ring=ring, ulysses=ulysses, mesh=self.mesh, seq_lengths=lengths,
                                 attention_backend=self.config.attention_backend or None)
+
+    def _step_cache(self, pipe, request: ImageRequest):
+        """diffusers' step cache on the transformer for one image (fresh state), deciding over the CP group."""
+        from .strategies.step_cache import step_cache
+
+        if self.config.cache is not CacheMode.NONE and getattr(pipe, "transformer_2", None) is not None:
+            # Wan 2.2's two experts would each need their own cache; not wired yet. Same on every rank.
+            raise ConfigError("step caching supports pipelines with one transformer; use cache='none' here")
+        return step_cache(pipe.transformer, mode=self.config.cache, threshold=self.config.cache_threshold,
+                          steps=request.steps, group=self.cp_group)
 
     def _compile(self, pipe) -> None:
         from .strategies.regional_compile import compile_regions

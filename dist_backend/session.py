@@ -59,6 +59,8 @@ class Session:
         # Per rank, under cfg = 2: {"forwards", "exchanges", "bytes_sent"} of the last denoise (None with cfg = 1).
         self.last_cfg_stats: list[dict[str, int] | None] = []
         self.last_graphs_compiled: list[int] = []  # per rank: graphs torch.compile built during the last denoise
+        self.last_cache_stats: list[dict[str, int] | None] = []  # per rank: {"forwards", "skipped"} of the step cache
+        self.last_run: dict[str, Any] = {}  # what the last denoise ran (CLI summary, status route)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
@@ -103,6 +105,10 @@ class Session:
         info = read_model_config(model_dir)
         if self.config.cp_degree > 1:
             check_cp_supported(info, ring=self.config.ring, ulysses=self.config.ulysses)
+        if self.config.cache.value != "none":
+            from .strategies.step_cache import check_cache_family
+
+            check_cache_family(self.config.cache, info["family"])
         if self.config.gpus_per_rank > 1 and self.config.max_memory:
             # The placement is a pure function of the folder's configs and the budgets: refuse a plan that does
             # not fit before any rank starts (ranks without max_memory plan on their GPUs' free memory).
@@ -175,6 +181,15 @@ class Session:
         self.last_cp_modes = [r["cp_mode"] for r in results]  # what each rank really ran (tests check it)
         self.last_cfg_stats = [r.get("cfg") for r in results]
         self.last_graphs_compiled = [int(r.get("graphs_compiled", 0)) for r in results]
+        self.last_cache_stats = [r.get("cache") for r in results]
+        # Each image is counted once: by the leader of the group that made it (the ranks with latents).
+        leaders = [r for r in results if r["latents"] is not None]
+        self.last_run = {
+            "cfg": cfg.cfg, "compile": cfg.compile.value, "graphs_compiled": max(self.last_graphs_compiled, default=0),
+            "cache": cfg.cache.value,
+            "forwards_skipped": sum(r["cache"]["skipped"] for r in leaders if r.get("cache")),
+            "forwards_cached": sum(r["cache"]["forwards"] for r in leaders if r.get("cache")),
+        }
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
         return torch.cat(latents, dim=0)
 

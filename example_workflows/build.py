@@ -17,7 +17,8 @@ TINY_MODEL = "distdiff-tiny-flux"  # tests put the tiny Flux pipeline under this
 # position. "seed" is followed by ComfyUI's control_after_generate value.
 WIDGETS = {
     "LoadSharded": ["model", "ranks", "dp", "ring", "ulysses", "device", "dtype", "offload", "gpus_per_rank",
-                    "device_map", "max_memory", "attention_backend", "model_path", "cfg", "compile"],
+                    "device_map", "max_memory", "attention_backend", "model_path", "cfg", "compile", "cache",
+                    "cache_threshold"],
     "EncodeOnGPUs": ["prompt", "negative_prompt"],
     "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames",
                         "true_cfg_scale"],
@@ -39,7 +40,7 @@ NODE_ID = {name: str(i + 1) for i, name in enumerate(ORDER)}
 
 BASE_LOAD = dict(model=TINY_MODEL, ranks=2, dp=0, ring=1, ulysses=1, device="cpu", dtype="float32",
                  offload="resident", gpus_per_rank=1, device_map="none", max_memory="", attention_backend="",
-                 model_path="", cfg=1, compile="none")
+                 model_path="", cfg=1, compile="none", cache="none", cache_threshold=0.0)
 BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1,
                     true_cfg_scale=1.0)
 
@@ -57,6 +58,8 @@ EXAMPLES = {
                          note="CFG parallel: prompt and negative-prompt branches on 2 ranks at once (Flux true CFG)"),
     "regional_compile": dict(load=dict(ulysses=2, compile="regional"), prompt="a red fox in the snow",
                              note="Ulysses on 2 ranks with the transformer's repeated block torch.compiled once"),
+    "step_cache": dict(load=dict(ulysses=2, cache="first_block", cache_threshold=0.3), prompt="a red fox in the snow",
+                       note="Ulysses on 2 ranks with diffusers' first-block cache, decided over the CP group"),
 }
 
 

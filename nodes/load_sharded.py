@@ -56,6 +56,14 @@ class LoadSharded:
                                                    "tooltip": "regional: torch.compile the transformer's repeated "
                                                               "block once; the first run of a new size pays the "
                                                               "compile, later runs are faster."}),
+                "cache": (["none", "first_block", "taylorseer", "magcache"], {
+                    "default": "none",
+                    "tooltip": "Step caching (diffusers' cache hooks): skips transformer work on steps that change "
+                               "little. Faster, not exact; magcache is for Flux only. Skipped steps show in the "
+                               "DistDiff status panel."}),
+                "cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                              "tooltip": "first_block / magcache threshold; 0 = diffusers' default "
+                                                         "(0.05 / 0.06). Higher skips more."}),
             },
         }
 
@@ -68,7 +76,8 @@ class LoadSharded:
         return f"{id(session)}:{session.starts if session else 0}:{session.alive() if session else False}"
 
     def load(self, model, ranks, dp, ring, ulysses, device, dtype, offload, gpus_per_rank=1, device_map="none",
-             max_memory="", attention_backend="", model_path="", cfg=1, compile="none"):
+             max_memory="", attention_backend="", model_path="", cfg=1, compile="none", cache="none",
+             cache_threshold=0.0):
         from ..dist_backend.config import SessionConfig
         from ..dist_backend.session import get_session
 
@@ -81,7 +90,7 @@ class LoadSharded:
         config = SessionConfig(world_size=ranks, dp=dp, cfg=cfg, ring=ring, ulysses=ulysses, device=device, dtype=dtype,
                                offload=offload, gpus_per_rank=gpus_per_rank, device_map=device_map,
                                max_memory=max_memory.strip(), attention_backend=attention_backend.strip(),
-                               compile=compile)
+                               compile=compile, cache=cache, cache_threshold=cache_threshold)
         model_dir = resolve_model(model, model_path)
         session = get_session(config)
         info = run_cancellable(lambda: session.load(model_dir, should_cancel=comfy_should_cancel()))

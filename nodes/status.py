@@ -18,4 +18,5 @@ def status_payload() -> dict:
         "starts": session.starts,
         "pids": session.sidecar_pids() if alive else [],
         "seconds": dict(session.timings.stages),
+        "last_run": dict(session.last_run),  # cfg degree, compile, cache and forwards skipped by the last denoise
     }

@@ -16,7 +16,13 @@ async function fetchStatus() {
 
 function describe(status) {
   if (!status.running) return "DistDiff: no ranks running";
-  return `DistDiff: ${status.strategy} on ${status.ranks} ${status.device} rank(s), pids ${status.pids.join(", ")}`;
+  let text = `DistDiff: ${status.strategy} on ${status.ranks} ${status.device} rank(s), pids ${status.pids.join(", ")}`;
+  const run = status.last_run ?? {};
+  if (run.cache && run.cache !== "none") {
+    text += `; ${run.cache} cache skipped ${run.forwards_skipped} of ${run.forwards_cached} forwards`;
+  }
+  if (run.compile === "regional") text += `; compiled (${run.graphs_compiled} new graphs)`;
+  return text;
 }
 
 app.registerExtension({

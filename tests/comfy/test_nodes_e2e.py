@@ -80,7 +80,8 @@ def cli_pixels(prompt: dict, model_dir: Path, out: Path) -> list[np.ndarray]:
            "--ulysses", str(load_in["ulysses"]), "--dtype", load_in["dtype"], "--device", load_in["device"],
            "--offload", load_in["offload"], "--save-tensors",
            "--cfg", str(load_in.get("cfg", 1)), "--true-cfg", str(den.get("true_cfg_scale", 1.0)),
-           "--compile", load_in.get("compile", "none")]
+           "--compile", load_in.get("compile", "none"), "--cache", load_in.get("cache", "none"),
+           "--cache-threshold", str(load_in.get("cache_threshold", 0.0))]
     negative = prompt[node_id(prompt, "EncodeOnGPUs")]["inputs"].get("negative_prompt", "").strip()
     if negative:
         cmd += ["--negative-prompt", negative]
