@@ -186,9 +186,6 @@ class SessionConfig:
         if self.cache is CacheMode.NONE and self.cache_threshold:
             raise ConfigError(f"cache_threshold={self.cache_threshold} needs a cache; set cache='first_block' or "
                               "'magcache'")
-        if self.cache is not CacheMode.NONE and self.cfg > 1:
-            raise ConfigError(f"cache={self.cache.value!r} with cfg=2 is not supported yet (not proven equal to one "
-                              "process); use one of them")
         if self.cache is not CacheMode.NONE and self.compile is Compile.REGIONAL:
             raise ConfigError(f"cache={self.cache.value!r} with compile='regional' is not supported yet (not proven "
                               "equal to one process); use one of them")

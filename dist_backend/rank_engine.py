@@ -52,9 +52,17 @@ class RankEngine:
                 group = dist.new_group(ranks=list(range(index * size, (index + 1) * size)))
                 if index == self.dp_index:
                     self.image_group = group
-        # The ranks sharing one image's tokens (a step cache decides over them). With cfg = 1 that is the whole
-        # image group; the config refuses a cache with cfg = 2, so no per-half group is needed yet.
-        self.cp_group = self.image_group if config.cfg == 1 and cp > 1 else None
+        # The ranks sharing one image's tokens in one branch (a step cache decides over them): the image group when
+        # cfg = 1, else each half of it.
+        self.cp_group = None
+        if cp > 1:
+            if config.cfg == 1:
+                self.cp_group = self.image_group
+            else:
+                for start in range(0, config.world_size, cp):  # NOTE: every rank creates every group, in order
+                    group = dist.new_group(ranks=list(range(start, start + cp)))
+                    if start == rank - self.cp_rank:
+                        self.cp_group = group
         self.residency = None
         self.adapter = None
         self.model_info: dict[str, Any] | None = None
@@ -256,7 +264,7 @@ class RankEngine:
 
         reason = self.adapter.cfg_off_reason(cond, request)
         if reason is not None:
-            # The host refuses this before the call (Session._check_denoise); every rank gets the same request, so
+            # The host refuses this before the call (Session._check_cfg); every rank gets the same request, so
             # every rank raises here alike and none is left waiting in the exchange.
             raise ConfigError(f"cfg=2 needs classifier-free guidance, but {reason}")
         return split_cfg((getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)),

@@ -182,13 +182,13 @@ class Session:
         self.last_cfg_stats = [r.get("cfg") for r in results]
         self.last_graphs_compiled = [int(r.get("graphs_compiled", 0)) for r in results]
         self.last_cache_stats = [r.get("cache") for r in results]
-        # Each image is counted once: by the leader of the group that made it (the ranks with latents).
-        leaders = [r for r in results if r["latents"] is not None]
+        # Each forward is counted once: by the first rank of the CP group that computed it (with cfg = 2 each half
+        # computes one branch, so both halves count).
+        counted = [r["cache"] for rank, r in enumerate(results) if rank % cfg.cp_degree == 0 and r.get("cache")]
         self.last_run = {
             "cfg": cfg.cfg, "compile": cfg.compile.value, "graphs_compiled": max(self.last_graphs_compiled, default=0),
-            "cache": cfg.cache.value,
-            "forwards_skipped": sum(r["cache"]["skipped"] for r in leaders if r.get("cache")),
-            "forwards_cached": sum(r["cache"]["forwards"] for r in leaders if r.get("cache")),
+            "cache": cfg.cache.value, "forwards_skipped": sum(c["skipped"] for c in counted),
+            "forwards_cached": sum(c["forwards"] for c in counted),
         }
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
         return torch.cat(latents, dim=0)

@@ -160,7 +160,11 @@ def step_cache(model, *, mode: CacheMode, threshold: float, steps: int, group=No
         return
     stats = CacheStats()
     handle = None
-    model.enable_cache(cache_config_for(mode, threshold=threshold, steps=steps))
+    try:
+        model.enable_cache(cache_config_for(mode, threshold=threshold, steps=steps))
+    except IndexError:  # diffusers pops a tail block from the blocks after the first: there is none
+        raise UnsupportedError(f"cache={mode.value!r} needs a transformer with at least 2 blocks; "
+                               f"{type(model).__name__} has 1: use cache='none'") from None
     try:
         if mode is CacheMode.FIRST_BLOCK:
             _count_first_block(model, stats, group)

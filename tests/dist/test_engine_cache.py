@@ -51,6 +51,31 @@ def test_cached_cp_equals_cached_single_process(mode, threshold, tiny_dirs, tiny
     assert diff <= TOL
 
 
+def test_cached_cfg_parallel_equals_cached_single_process(tiny_dirs, tiny_pipes):
+    """cfg 2 × ulysses 2 with the first-block cache (Flux true CFG): each half caches its own branch (the "cond" /
+    "uncond" contexts, as in one process) and decides over its own CP group."""
+    threshold, negative, true_cfg = 0.3, "blurry, low quality", 2.0
+    request = ImageRequest(seed=3, steps=STEPS, guidance=GUIDANCE["flux"], true_cfg_scale=true_cfg, **SIZE["flux"])
+    pipe = tiny_pipes["flux"]
+    with step_cache(pipe.transformer, mode="first_block", threshold=threshold, steps=STEPS) as expected_stats:
+        expected = adapter_for("flux").reference(pipe, prompt=PROMPT, negative_prompt=negative, request=request)
+    session = Session(SessionConfig(world_size=4, cfg=2, ulysses=2, threads_per_rank=1, cache="first_block",
+                                    cache_threshold=threshold))
+    try:
+        session.load(tiny_dirs["flux"])
+        latents = session.denoise(session.encode([PROMPT], negative), seed=3, steps=STEPS,
+                                  guidance=GUIDANCE["flux"], true_cfg_scale=true_cfg, **SIZE["flux"])
+        run = session.last_run
+    finally:
+        session.close()
+    diff = float((latents - expected).abs().max())
+    print(f"\n[measured] flux true CFG cfg2×ulysses2 first_block: {run} vs one process {expected_stats}; "
+          f"max abs diff = {diff:.3e}")
+    assert 0 < expected_stats.skipped < 2 * STEPS
+    assert (run["forwards_skipped"], run["forwards_cached"]) == (expected_stats.skipped, 2 * STEPS)
+    assert diff <= TOL
+
+
 GROUP_SCRIPT = r'''
 import json, os, torch, torch.distributed as dist
 from dist_backend.strategies.step_cache import group_relative_change
