@@ -19,8 +19,10 @@ def test_dp_is_derived_and_round_trips():
     c = SessionConfig(world_size=4, ulysses=2)
     assert c.dp == 2 and c.cp_degree == 2 and c.strategy == "dp2×ulysses2"
     assert SessionConfig.from_json(c.to_json()) == c
-    c = SessionConfig(world_size=8, cfg=2, ulysses=2)
+    c = SessionConfig(world_size=8, cfg=2, ulysses=2, cache="first_block", cache_threshold=0.2)
     assert c.dp == 2 and c.group_size == 4 and c.strategy == "dp2×cfg2×ulysses2"
+    assert SessionConfig.from_json(c.to_json()) == c
+    assert SessionConfig.from_json(SessionConfig(compile="regional").to_json()).compile.value == "regional"
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -29,6 +31,12 @@ def test_dp_is_derived_and_round_trips():
     (dict(world_size=4, cfg=3), ["cfg must be 1 or 2", "got 3"]),
     (dict(world_size=6, cfg=2, ulysses=2), ["world_size (6)", "cfg (2) × ring (1) × ulysses (2) = 4"]),
     (dict(world_size=0), ["world_size must be an integer ≥ 1"]),
+    (dict(compile="full"), ["compile='full'", "none, regional"]),
+    (dict(cache="teacache"), ["cache='teacache'", "first_block"]),
+    (dict(cache_threshold=0.1), ["cache_threshold=0.1 needs a cache"]),
+    (dict(cache="taylorseer", cache_threshold=0.1), ["taylorseer", "has no threshold"]),
+    (dict(cache="first_block", cache_threshold=-1), ["cache_threshold must be ≥ 0"]),
+    (dict(cache="first_block", compile="regional"), ["not supported yet"]),
     (dict(device="tpu"), ["device='tpu'", "cpu, cuda"]),
     (dict(dtype="float8"), ["dtype='float8'"]),
     (dict(dtype="float16"), ["float16", "device='cpu'"]),
