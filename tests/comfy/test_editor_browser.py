@@ -16,7 +16,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests.helpers import wait_no_ranks  # noqa: E402
 
 EXAMPLES = REPO_ROOT / "example_workflows"
-NAMES = ("data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses")
+NAMES = ("data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses", "cfg_parallel",
+         "regional_compile", "step_cache")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
