@@ -141,3 +141,17 @@ def latent_format(info: dict) -> LatentFormat:
     temporal = int(vae.get("scale_factor_temporal") or 2 ** sum(bool(t) for t in vae["temperal_downsample"]))
     return LatentFormat(family=family, channels=channels, video=True, spatial=spatial,
                         temporal=temporal if family == "wan" else 1, mean=mean, std=std)
+
+
+def pair_with_images(latent: torch.Tensor, *, prompts: int, images_per_prompt: int) -> list[torch.Tensor]:
+    """One latent per image (prompt-major), the way ComfyUI's KSampler pairs a LATENT batch with its conditioning:
+    the latent batch IS the batch. A 1-image latent is used for every image; a batch of exactly prompts ×
+    images_per_prompt latents gives image j latent j; anything else is refused (ComfyUI would silently repeat)."""
+    images = prompts * images_per_prompt
+    count = latent.shape[0]
+    if count not in (1, images):
+        raise ConfigError(
+            f"the latent batch has {count} images, but prompts × images_per_prompt = {prompts} × {images_per_prompt} "
+            f"= {images}: give one latent (used for every image) or exactly {images} (image j gets latent j), "
+            "or set images_per_prompt so that the counts match")
+    return [latent[(j if count == images else 0):][:1] for j in range(images)]

@@ -120,27 +120,32 @@ class RankEngine:
         return {"embeds": out}
 
     def op_denoise(self, message: dict) -> dict:
+        from .pipelines._common import steps_run
+
         self._require_model()
         items = message["items"]
         cond = message["cond"]
-        total = len(items) * message["steps"]
+        inits = message.get("init_latents") or [None] * len(items)  # one per item, or none (text-to-image)
+        denoise = float(message.get("denoise", 1.0))
+        steps = steps_run(message["steps"], denoise)  # the steps each item really runs (img2img skips some)
+        total = len(items) * steps
         latents = []
         pipe = self.residency.ensure(self.adapter.denoise_components)
         try:
             if self.config.cp_degree > 1:
                 self._set_cp_mode(pipe.transformer, message["cp_lengths"])
-            for index, (key, seed) in enumerate(items):
+            for index, ((key, seed), init) in enumerate(zip(items, inits)):
                 request = ImageRequest(seed=seed, steps=message["steps"], guidance=message["guidance"],
                                        height=message["height"], width=message["width"],
-                                       num_frames=message.get("num_frames", 1))
-                done_before = index * message["steps"]
+                                       num_frames=message.get("num_frames", 1), denoise=denoise)
+                done_before = index * steps
 
-                def on_step(done: int, steps: int, _before: int = done_before) -> None:
+                def on_step(done: int, _steps: int, _before: int = done_before) -> None:
                     self._step_boundary(_before + done, total)
 
                 with torch.inference_mode():
                     latent = self.adapter.denoise(pipe, cond=cond[key], request=request, device=self.device,
-                                                  on_step=on_step)
+                                                  on_step=on_step, init_latents=init)
                 latents.append(latent)
             mode = cp_mode_of(pipe.transformer) if self.config.cp_degree > 1 else None  # before staged release
         finally:

@@ -140,14 +140,38 @@ class Session:
         return Conditioning(model_dir=self._model_dir, family=self._model_info["family"], prompts=tuple(prompts),
                             negative_prompt=negative_prompt, embeds=embeds)
 
-    def denoise(self, cond: Conditioning, *, seed: int, steps: int, guidance: float, height: int, width: int,
-                images_per_prompt: int = 1, num_frames: int = 1, on_progress: ProgressFn | None = None,
+    def denoise(self, cond: Conditioning, *, seed: int, steps: int, guidance: float, height: int | None = None,
+                width: int | None = None, images_per_prompt: int = 1, num_frames: int = 1,
+                latent: torch.Tensor | None = None, denoise: float = 1.0, on_progress: ProgressFn | None = None,
                 should_cancel: CancelFn | None = None) -> torch.Tensor:
-        """Embeddings -> unpacked latents [B, C, h, w] (video [B, C, F, h, w]), B = prompts × images_per_prompt,
-        prompt-major; image j is made with seed + j."""
+        """Embeddings -> ComfyUI LATENT samples (raw VAE space, the family's ComfyUI layout: Flux [B, C, h, w],
+        Qwen-Image [B, C, 1, h, w], Wan [B, C, F', h, w]), B = prompts × images_per_prompt, prompt-major; image j
+        is made with seed + j.
+
+        `latent` (ComfyUI convention, e.g. an empty latent or a VAE Encode result) sets height, width and frames
+        (it wins over the arguments). With `denoise` < 1 it is image-to-image from those latents, equal to the
+        family's diffusers img2img pipeline with strength=denoise; a 1-image latent is used for every image, or
+        give one per image (see `latent_format.pair_with_images`). At denoise 1.0 its content is not used."""
+        from .latent_format import latent_format, pair_with_images
+
         self._require_model()
+        fmt = latent_format(self._model_info)
+        if latent is not None:
+            latent = fmt.to_layout(latent, what="latent")
+            height, width, num_frames = fmt.pixel_size(latent).values()
+        elif height is None or width is None:
+            raise ConfigError("give height and width, or a latent whose size sets them")
         cp_lengths = self._check_denoise(cond, steps=steps, height=height, width=width,
-                                         images_per_prompt=images_per_prompt, num_frames=num_frames, seed=seed)
+                                         images_per_prompt=images_per_prompt, num_frames=num_frames, seed=seed,
+                                         denoise=denoise)
+        inits = None
+        if latent is not None:
+            paired = pair_with_images(latent, prompts=len(cond.prompts), images_per_prompt=images_per_prompt)
+            if denoise < 1.0:
+                inits = [fmt.process_in(x) for x in paired]
+        elif denoise < 1.0:
+            raise ConfigError(f"denoise {denoise} < 1 starts from an image: connect a latent (e.g. VAE Encode), "
+                              "or use denoise 1.0")
         items = image_items(len(cond.prompts), images_per_prompt, seed)
         cfg = self.config
         payloads = []
@@ -160,7 +184,9 @@ class Session:
                 "items": [[str(p), s] for p, s in mine],
                 "cond": {str(p): cond.embeds[p] for p in keys},
                 "steps": steps, "guidance": float(guidance), "height": height, "width": width,
-                "num_frames": num_frames, "cp_lengths": cp_lengths,
+                "num_frames": num_frames, "cp_lengths": cp_lengths, "denoise": float(denoise),
+                # Every rank of a CP group gets the same init latents, as it gets the same seeds.
+                "init_latents": inits[start:stop] if inits is not None else None,
             })
         with self._lock:
             t0 = time.monotonic()
@@ -169,15 +195,16 @@ class Session:
             self.timings.add("denoise", time.monotonic() - t0)
         self.last_cp_modes = [r["cp_mode"] for r in results]  # what each rank really ran (tests check it)
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
-        return torch.cat(latents, dim=0)
+        return fmt.process_out(torch.cat(latents, dim=0))  # the one crossing to ComfyUI's raw space
 
     def decode(self, latents: torch.Tensor, *, should_cancel: CancelFn | None = None) -> torch.Tensor:
-        """Unpacked latents -> float32 images [B, H, W, 3] in 0..1 (video: B × F frames). Split over all ranks."""
+        """A ComfyUI LATENT's samples (raw VAE space, any layout ComfyUI accepts for the family: ours, VAE
+        Encode's, an empty latent's) -> float32 images [B, H, W, 3] in 0..1 (video: B × F frames). Split over all
+        ranks."""
+        from .latent_format import latent_format
+
         self._require_model()
-        if not isinstance(latents, torch.Tensor) or latents.dim() not in (4, 5) or latents.shape[0] == 0:
-            raise ConfigError(f"latents must be a [B, C, h, w] (or video [B, C, F, h, w]) tensor with B ≥ 1, got "
-                              f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
-        latents = latents.detach().to("cpu", torch.float32).contiguous()
+        latents = latent_format(self._model_info).to_layout(latents, what="latents")
         world = self.config.world_size
         payloads = []
         for rank in range(world):
@@ -190,21 +217,28 @@ class Session:
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)
 
     def generate(self, *, model_dir: str | Path, prompts: list[str], negative_prompt: str | None = None, seed: int,
-                 steps: int, guidance: float, height: int, width: int, images_per_prompt: int = 1,
-                 num_frames: int = 1, on_progress: ProgressFn | None = None,
+                 steps: int, guidance: float, height: int | None = None, width: int | None = None,
+                 images_per_prompt: int = 1, num_frames: int = 1, latent: torch.Tensor | None = None,
+                 denoise: float = 1.0, on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All four stages. Returns (latents, images)."""
+        """All four stages. Returns (latents, images); `latent` and `denoise` as for `denoise`."""
+        from .latent_format import latent_format
         from .pipelines import read_model_config
 
         # Everything knowable from the arguments and the folder's configs is refused before any rank starts.
         prompts = _prompt_list(prompts)
-        check_request(read_model_config(model_dir), steps=steps, height=height, width=width,
-                      images_per_prompt=images_per_prompt, num_frames=num_frames, seed=seed)
+        info = read_model_config(model_dir)
+        if latent is not None:
+            fmt = latent_format(info)
+            latent = fmt.to_layout(latent, what="latent")
+            height, width, num_frames = fmt.pixel_size(latent).values()
+        check_request(info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
+                      num_frames=num_frames, seed=seed, denoise=denoise)
         self.load(model_dir, should_cancel=should_cancel)
         cond = self.encode(prompts, negative_prompt, should_cancel=should_cancel)
         latents = self.denoise(cond, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
-                               images_per_prompt=images_per_prompt, num_frames=num_frames,
-                               on_progress=on_progress, should_cancel=should_cancel)
+                               images_per_prompt=images_per_prompt, num_frames=num_frames, latent=latent,
+                               denoise=denoise, on_progress=on_progress, should_cancel=should_cancel)
         images = self.decode(latents, should_cancel=should_cancel)
         return latents, images
 
@@ -214,7 +248,7 @@ class Session:
             raise ConfigError("no model is loaded in this session; call load(model_dir) first")
 
     def _check_denoise(self, cond: Conditioning, *, steps, height, width, images_per_prompt, num_frames,
-                       seed) -> dict[str, int]:
+                       seed, denoise) -> dict[str, int]:
         """Refuse a bad request before any call; return every sequence length the CP plan will split in it, over
         all prompts ({} without CP). Every rank gets that same dict, so every rank picks the same CP mode (see
         RankEngine._set_cp_mode)."""
@@ -227,7 +261,7 @@ class Session:
             raise ConfigError(f"conditioning was encoded for {cond.model_dir}, but this session has {self._model_dir} "
                               "loaded; encode the prompts again with this pipeline")
         check_request(self._model_info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
-                      num_frames=num_frames, seed=seed)
+                      num_frames=num_frames, seed=seed, denoise=denoise)
         if self.config.cp_degree == 1:
             return {}
         adapter = adapter_for(self._model_info["family"])
@@ -250,9 +284,11 @@ def _prompt_list(prompts: list[str] | tuple[str, ...] | str) -> list[str]:
     return prompts
 
 
-def check_request(info: dict[str, Any], *, steps, height, width, images_per_prompt, num_frames, seed) -> None:
+def check_request(info: dict[str, Any], *, steps, height, width, images_per_prompt, num_frames, seed,
+                  denoise: float = 1.0) -> None:
     """The denoise arguments against the model's configs (`pipelines.read_model_config`); needs no rank."""
     from .pipelines import adapter_for
+    from .pipelines._common import steps_run
 
     for name, value, low in (("steps", steps, 1), ("images_per_prompt", images_per_prompt, 1),
                              ("num_frames", num_frames, 1), ("height", height, 1), ("width", width, 1)):
@@ -260,7 +296,15 @@ def check_request(info: dict[str, Any], *, steps, height, width, images_per_prom
             raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
     if type(seed) is not int or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    adapter_for(info["family"]).check_size(info, height=height, width=width, num_frames=num_frames)
+    if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) or not 0.0 < denoise <= 1.0:
+        raise ConfigError(f"denoise must be a number in (0, 1], got {denoise!r}")
+    if steps_run(steps, denoise) < 1:
+        raise ConfigError(f"denoise {denoise} with {steps} steps runs no step: the img2img schedule skips the first "
+                          f"int({steps} − {steps} × {denoise}) = {steps - steps_run(steps, denoise)} steps; raise "
+                          "steps or denoise")
+    adapter = adapter_for(info["family"])
+    adapter.check_size(info, height=height, width=width, num_frames=num_frames)
+    adapter.check_denoise(float(denoise))
 
 
 # -- one live sidecar per process ------------------------------------------------------------------------------

@@ -97,3 +97,29 @@ class PackedImageAdapter(FamilyAdapter):
     def image_tokens(self, pipe_config: dict, *, height: int, width: int) -> int:
         per_token = self.vae_scale(pipe_config) * 2
         return (height // per_token) * (width // per_token)
+
+
+def steps_run(steps: int, denoise: float) -> int:
+    """How many of `steps` an img2img run with strength `denoise` executes: the arithmetic of diffusers'
+    `get_timesteps` (Flux / Qwen-Image img2img): it skips the first int(steps − steps × denoise) steps."""
+    init_timestep = min(steps * denoise, steps)
+    return steps - int(max(steps - init_timestep, 0))
+
+
+def img2img_pipeline(pipe, cls, *, latent_channels: int):
+    """The family's img2img pipeline `cls` sharing `pipe`'s loaded modules (no weights copied).
+
+    Its constructor takes the latent channel count from the VAE, which is absent while staged offload keeps only
+    the transformer loaded (it then assumes 16): set it from the transformer instead, so latents passed as
+    `image=` are recognised as latents (diffusers' VaeImageProcessor passes through a tensor with that many
+    channels) and never sent to a VAE encode.
+    """
+    from diffusers.image_processor import VaeImageProcessor
+
+    img2img = cls.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    if img2img.latent_channels != latent_channels:
+        img2img.latent_channels = latent_channels
+        img2img.image_processor = VaeImageProcessor(vae_scale_factor=img2img.vae_scale_factor * 2,
+                                                    vae_latent_channels=latent_channels)
+    return img2img

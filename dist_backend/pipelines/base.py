@@ -35,6 +35,9 @@ class ImageRequest:
     """Output width in pixels."""
     num_frames: int = 1
     """Frames for a video family; 1 for image families."""
+    denoise: float = 1.0
+    """img2img strength in (0, 1]: diffusers' `strength`. 1.0 starts from pure noise (text-to-image); below 1 the
+    adapter starts from the `init_latents` given to `denoise`, noised to the step where the schedule starts."""
 
 
 class FamilyAdapter(abc.ABC):
@@ -56,21 +59,25 @@ class FamilyAdapter(abc.ABC):
     @abc.abstractmethod
     def denoise(
         self, pipe, *, cond: dict[str, torch.Tensor], request: ImageRequest, device: torch.device,
-        on_step: StepCallback | None = None,
+        on_step: StepCallback | None = None, init_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Denoise one image from `request.seed`; return the UNPACKED latent as a CPU float32 tensor
-        ([1, C, h, w] for images, [1, C, F, h, w] for video). Must equal `reference` for the same inputs."""
+        """Denoise one image from `request.seed`; return diffusers' NORMALISED latent, unpacked, as a CPU float32
+        tensor in the family's layout (`latent_format.LatentFormat`: Flux [1, C, h, w], Qwen-Image [1, C, 1, h, w],
+        Wan [1, C, F', h, w]). With request.denoise < 1, `init_latents` (normalised, same layout, batch 1) is the
+        image to start from (img2img). Must equal `reference` for the same inputs."""
 
     @abc.abstractmethod
     def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Unpacked latents [B, C, h, w] (video: [B, C, F, h, w]) -> float32 images in 0..1 on CPU,
-        [B, H, W, 3] (video: [B*F, H, W, 3], frames of each video consecutive)."""
+        """RAW VAE-space latents (ComfyUI's LATENT convention) in the family's layout -> float32 images in 0..1 on
+        CPU, [B, H, W, 3] (video: [B*F, H, W, 3], frames of each video consecutive)."""
 
     @abc.abstractmethod
-    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
+    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,
+                  init_latents: torch.Tensor | None = None) -> torch.Tensor:
         """The plain diffusers call of the seed contract, in this process:
         pipe(prompt=..., generator=torch.Generator("cpu").manual_seed(request.seed), ..., output_type="latent"),
-        unpacked exactly like `denoise` returns. Used by tests and by users to check results."""
+        unpacked exactly like `denoise` returns (normalised). With request.denoise < 1 it is the family's img2img
+        pipeline called with image=init_latents and strength=request.denoise. Used by tests and by users."""
 
     @abc.abstractmethod
     def check_size(self, pipe_config: dict, *, height: int, width: int, num_frames: int) -> None:
@@ -83,6 +90,9 @@ class FamilyAdapter(abc.ABC):
                          num_frames: int) -> dict[str, int]:
         """Lengths of the sequences the transformer's context-parallel plan splits, e.g.
         {"image": 4096, "text": 512}: used to check divisibility by the CP degree before starting."""
+
+    def check_denoise(self, denoise: float) -> None:
+        """Raise ConfigError when this family cannot start from a latent at `denoise` < 1 (img2img)."""
 
     def uses_attention_mask(self, cond: dict[str, torch.Tensor]) -> bool:
         """True when the transformer will get a padding mask for these embeddings (Ring would be silently wrong)."""

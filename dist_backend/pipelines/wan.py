@@ -8,7 +8,8 @@ Conditioning keys: always "prompt_embeds" and "negative_prompt_embeds" [1, L, D]
 real models). The negative is always encoded because `encode` does not know the guidance; it costs one extra
 text-encoder pass and is unused when guidance <= 1.
 
-Latents: [1, C, F', h, w] with F' = (num_frames - 1) / 4 + 1, drawn in float32 like the pipeline does.
+Latents: [1, C, F', h, w] with F' = (num_frames - 1) / 4 + 1, drawn in float32 like the pipeline does
+(normalised; ComfyUI's Wan LATENT has the same layout in the raw space, see latent_format.py).
 Context parallelism: the transformer's `_cp_plan` splits only the video tokens (hidden_states after patch
 embedding, the rotary embeddings, and the per-token timestep of Wan 2.2 TI2V); the text is not split.
 """
@@ -69,7 +70,8 @@ class WanAdapter(FamilyAdapter):
 
     @torch.no_grad()
     def denoise(self, pipe, *, cond: dict[str, torch.Tensor], request: ImageRequest, device: torch.device,
-                on_step: StepCallback | None = None) -> torch.Tensor:
+                on_step: StepCallback | None = None, init_latents: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_denoise(request.denoise)
         # The pipeline casts the embeddings to the transformer dtype itself; keep latents float32 like it does.
         latents = self.initial_noise(pipe, request=request).to(device)
         video = pipe(
@@ -81,7 +83,9 @@ class WanAdapter(FamilyAdapter):
         )[0]
         return video.float().cpu()
 
-    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
+    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,
+                  init_latents: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_denoise(request.denoise)
         video = pipe(
             prompt=prompt, negative_prompt=negative_prompt, guidance_scale=request.guidance,
             height=request.height, width=request.width, num_frames=request.num_frames,
@@ -93,16 +97,21 @@ class WanAdapter(FamilyAdapter):
     # -- decode -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # The same steps, in the same order, as WanPipeline.__call__ after its loop, so results match bitwise.
+        # WanPipeline.__call__ after its loop, from the raw VAE space (latent_format.process_out already done).
         vae = pipe.vae
-        z = latents.to(device=device, dtype=vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        z = z / inv_std + mean
-        video = vae.decode(z, return_dict=False)[0]
+        video = vae.decode(latents.to(device=device, dtype=vae.dtype), return_dict=False)[0]
         frames = pipe.video_processor.postprocess_video(video, output_type="pt")  # [B, F, 3, H, W]
         b, f, c, h, w = frames.shape
         return frames.permute(0, 1, 3, 4, 2).reshape(b * f, h, w, c).float().cpu()
+
+    @staticmethod
+    def check_denoise(denoise: float) -> None:
+        """Wan has no image-to-video from a latent here: diffusers' WanVideoToVideoPipeline takes pixel frames and
+        VAE-encodes them itself (its `latents=` skips the noising), so there is no latent img2img to be equal to."""
+        if denoise < 1.0:
+            raise ConfigError(f"denoise {denoise} < 1 (video-to-video) is not supported for Wan: diffusers' "
+                              "WanVideoToVideoPipeline starts from pixel frames, not from a LATENT; use denoise 1.0 "
+                              "(an empty latent then only sets width, height and frames)")
 
     # -- planning (json configs only) ---------------------------------------------------------------------
     @staticmethod

@@ -7,6 +7,7 @@ import torch
 import pytest
 
 from dist_backend.errors import Cancelled, ConfigError
+from dist_backend.latent_format import latent_format
 from dist_backend.pipelines import Family, adapter_for, load_pipeline, read_model_config
 from dist_backend.pipelines.base import ImageRequest
 from dist_backend.pipelines.flux import FluxAdapter
@@ -47,7 +48,7 @@ def test_denoise_of_encode_equals_reference(tiny_pipes, family, negative, true_c
     diff = (latents - ref).abs().max().item()
     print(f"{family} negative={negative!r} true_cfg={true_cfg}: denoise vs reference max abs diff {diff:.3g}")
     assert latents.dtype == torch.float32 and latents.device.type == "cpu"
-    expected_ndim = 5 if family == "wan" else 4
+    expected_ndim = 4 if family == "flux" else 5  # Qwen-Image: [1, C, 1, h, w], its pipeline's unpacked layout
     assert latents.ndim == expected_ndim and latents.shape[0] == 1
     assert diff <= TOL
     assert steps == [(1, 2), (2, 2)]
@@ -71,7 +72,8 @@ def test_decode_equals_pipeline_output(tiny_pipes, family):
     pipe, a = tiny_pipes[family], adapter_for(family)
     req = request(family)
     ref = a.reference(pipe, prompt=PROMPT, negative_prompt=None, request=req)
-    images = a.decode(pipe, latents=ref, device=CPU)
+    raw = latent_format({"family": family, "components": {"vae": dict(pipe.vae.config)}}).process_out(ref)
+    images = a.decode(pipe, latents=raw, device=CPU)
     knob = {"flux": "guidance_scale", "qwenimage": "true_cfg_scale", "wan": "guidance_scale"}[family]
     extra = {"num_frames": req.num_frames} if family == "wan" else {}
     if hasattr(a, "max_sequence_length"):
@@ -112,6 +114,43 @@ def test_staged_pipeline_gives_the_same_latents(tiny_dirs, tiny_pipes, family):
     latents = a.denoise(staged, cond=cond, request=request(family), device=CPU)
     ref = a.reference(tiny_pipes[family], prompt=PROMPT, negative_prompt="low quality", request=request(family))
     assert (latents - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family", ["flux", "qwenimage"])
+def test_img2img_on_the_staged_pipeline_equals_diffusers_img2img(tiny_dirs, tiny_pipes, family):
+    """denoise < 1 with init latents, on a transformer-only pipeline (no VAE: the img2img pipeline must still take
+    the latents as latents), equals the family's diffusers img2img pipeline on the full pipeline."""
+    from diffusers import FluxImg2ImgPipeline, QwenImageImg2ImgPipeline
+
+    a, full = adapter_for(family), tiny_pipes[family]
+    fmt = latent_format({"family": family, "components": {"vae": dict(full.vae.config)}})
+    init = a.reference(full, prompt="a house", negative_prompt=None, request=request(family, seed=3))
+    cond = a.encode(full, prompt=PROMPT, negative_prompt=None, device=CPU)
+    staged = load_pipeline(tiny_dirs[family], components=set(a.denoise_components))
+    staged.set_progress_bar_config(disable=True)
+    req = ImageRequest(seed=5, steps=3, guidance=GUIDANCE[family], height=64, width=64, denoise=0.6)
+    steps = []
+    got = a.denoise(staged, cond=cond, request=req, device=CPU, init_latents=init,
+                    on_step=lambda i, n: steps.append((i, n)))
+    assert steps == [(1, 2), (2, 2)]  # strength 0.6 of 3 steps: diffusers skips int(3 - 1.8) = 1 step
+    cls = FluxImg2ImgPipeline if family == "flux" else QwenImageImg2ImgPipeline
+    extra = {"guidance_scale": req.guidance} if family == "flux" else {"true_cfg_scale": req.guidance}
+    if family == "flux":
+        extra["max_sequence_length"] = a.max_sequence_length(full)
+    packed = cls.from_pipe(full)(prompt=PROMPT, image=init if family == "flux" else init[:, :, 0], strength=0.6,
+                                 height=64, width=64, num_inference_steps=3,
+                                 generator=torch.Generator("cpu").manual_seed(5), output_type="latent",
+                                 return_dict=False, **extra)[0]
+    expected = full._unpack_latents(packed, 64, 64, full.vae_scale_factor)
+    assert got.shape == expected.shape == init.shape
+    assert (got - expected).abs().max().item() <= TOL
+    assert (got - a.reference(full, prompt=PROMPT, negative_prompt=None, request=req,
+                              init_latents=init)).abs().max().item() <= TOL
+    # The init image matters, and the result is not the init image.
+    assert (got - init).abs().max() > 1e-2
+    other = a.denoise(staged, cond=cond, request=req, device=CPU, init_latents=torch.zeros_like(init))
+    assert (other - got).abs().max() > 1e-2
+    assert fmt.process_out(got).shape == got.shape
 
 
 def test_initial_noise_is_what_the_pipeline_draws(tiny_pipes):
