@@ -80,12 +80,17 @@ class LatentFormat:
         return mean, inv_std
 
     # -- the layout ----------------------------------------------------------------------------------------------
-    def to_layout(self, samples: object, *, what: str = "latent") -> torch.Tensor:
+    def to_layout(self, samples: object, *, what: str = "latent", sampling: bool = False) -> torch.Tensor:
         """Any LATENT `samples` ComfyUI itself accepts for this family -> this family's layout (a float32 CPU
-        copy): Flux [B, C, h, w]; Qwen-Image [B, C, 1, h, w]; Wan [B, C, F', h, w]. ConfigError otherwise."""
+        copy): Flux [B, C, h, w]; Qwen-Image [B, C, 1, h, w]; Wan [B, C, F', h, w]. ConfigError otherwise.
+        `sampling`: the latent goes to a sampler, which (as in ComfyUI) takes an empty one with any channel count."""
         if not isinstance(samples, torch.Tensor):
             raise ConfigError(f"{what} must be a tensor (a ComfyUI LATENT's 'samples'), got {type(samples).__name__}")
         shape = tuple(samples.shape)
+        if sampling and samples.dim() >= 2 and samples.shape[1] != self.channels and not bool(samples.any()):
+            # An empty latent carries only a size: ComfyUI's sampler gives it the model's channel count
+            # (comfy.sample.fix_empty_latent_channels), so Empty Latent Image's 4 channels work for any model.
+            samples = samples.new_zeros((samples.shape[0], self.channels, *samples.shape[2:]))
         if samples.dim() == 5 and not self.video and shape[2] == 1:
             samples = samples[:, :, 0]  # a single-frame 5-D latent; ComfyUI's VAE Decode takes it the same way
         elif samples.dim() == 4 and self.video and self.family == "qwenimage":

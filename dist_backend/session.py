@@ -157,7 +157,7 @@ class Session:
         self._require_model()
         fmt = latent_format(self._model_info)
         if latent is not None:
-            latent = fmt.to_layout(latent, what="latent")
+            latent = fmt.to_layout(latent, what="latent", sampling=True)
             height, width, num_frames = fmt.pixel_size(latent).values()
         elif height is None or width is None:
             raise ConfigError("give height and width, or a latent whose size sets them")
@@ -230,7 +230,7 @@ class Session:
         info = read_model_config(model_dir)
         if latent is not None:
             fmt = latent_format(info)
-            latent = fmt.to_layout(latent, what="latent")
+            latent = fmt.to_layout(latent, what="latent", sampling=True)
             height, width, num_frames = fmt.pixel_size(latent).values()
         check_request(info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
                       num_frames=num_frames, seed=seed, denoise=denoise)
@@ -288,7 +288,6 @@ def check_request(info: dict[str, Any], *, steps, height, width, images_per_prom
                   denoise: float = 1.0) -> None:
     """The denoise arguments against the model's configs (`pipelines.read_model_config`); needs no rank."""
     from .pipelines import adapter_for
-    from .pipelines._common import steps_run
 
     for name, value, low in (("steps", steps, 1), ("images_per_prompt", images_per_prompt, 1),
                              ("num_frames", num_frames, 1), ("height", height, 1), ("width", width, 1)):
@@ -298,10 +297,6 @@ def check_request(info: dict[str, Any], *, steps, height, width, images_per_prom
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) or not 0.0 < denoise <= 1.0:
         raise ConfigError(f"denoise must be a number in (0, 1], got {denoise!r}")
-    if steps_run(steps, denoise) < 1:
-        raise ConfigError(f"denoise {denoise} with {steps} steps runs no step: the img2img schedule skips the first "
-                          f"int({steps} − {steps} × {denoise}) = {steps - steps_run(steps, denoise)} steps; raise "
-                          "steps or denoise")
     adapter = adapter_for(info["family"])
     adapter.check_size(info, height=height, width=width, num_frames=num_frames)
     adapter.check_denoise(float(denoise))

@@ -105,3 +105,13 @@ def test_layouts_are_comfyuis():
         qwen.to_layout(torch.zeros(1, 16, 2, 8, 8))
     with pytest.raises(ConfigError, match=r"a wan LATENT is \[B, 16, F', H/8, W/8\]"):
         wan.to_layout(torch.zeros(1, 16, 8, 8))
+
+
+def test_an_empty_latent_fits_any_channel_count_when_sampled():
+    """ComfyUI's sampler gives an all-zero latent the model's channels (comfy.sample.fix_empty_latent_channels)."""
+    flux = latent_format(_info("flux"))
+    assert flux.to_layout(torch.zeros(2, 4, 8, 8), sampling=True).shape == (2, 16, 8, 8)
+    with pytest.raises(ConfigError, match="16 channels"):
+        flux.to_layout(torch.zeros(2, 4, 8, 8))  # VAE Decode needs them
+    with pytest.raises(ConfigError, match="16 channels"):
+        flux.to_layout(torch.ones(2, 4, 8, 8), sampling=True)  # not empty: a latent of another model
