@@ -42,29 +42,33 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .images import image_names, save_pngs
+    from .latent_file import read_latent_file, write_latent_file
     from .session import Session
 
     config = _config_from_args(args)  # validated here, before any rank starts
+    init = read_latent_file(args.init_latent) if args.init_latent else None
     session = Session(config)
     t0 = time.monotonic()
     try:
         latents, images = session.generate(
             model_dir=args.model, prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-            images_per_prompt=args.images_per_prompt, num_frames=args.num_frames,
+            images_per_prompt=args.images_per_prompt, num_frames=args.num_frames, latent=init, denoise=args.denoise,
         )
     finally:
         session.close()
-    names = image_names(num_images=latents.shape[0], frames=args.num_frames)
+    frames = images.shape[0] // latents.shape[0]  # a latent's size wins over --num-frames
+    names = image_names(num_images=latents.shape[0], frames=frames)
     paths = save_pngs(images, args.out, names=names)
     if args.save_tensors:
         import torch
 
         torch.save({"latents": latents, "images": images}, Path(args.out) / "tensors.pt")
+    latent_path = str(write_latent_file(Path(args.out) / "latents.latent", latents)) if args.save_latent else None
     summary = {
         "strategy": config.strategy, "ranks": config.world_size, "device": config.device.value,
         "seconds": {**session.timings.stages, "total": round(time.monotonic() - t0, 4)},
-        "images": paths,
+        "images": paths, **({"latent": latent_path} if latent_path else {}),
     }
     print(json.dumps(summary), flush=True)
     return 0
@@ -102,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="folder for the PNGs")
     gen.add_argument("--save-tensors", action="store_true",
                      help="also write tensors.pt: the latents and the float images before PNG rounding")
+    gen.add_argument("--save-latent", action="store_true",
+                     help="also write latents.latent, ComfyUI's Save Latent format (raw VAE space; Load Latent reads it)")
+    gen.add_argument("--init-latent", default=None, metavar="FILE.latent",
+                     help="start from this ComfyUI .latent file (Save Latent, or --save-latent); its size wins over "
+                          "--height/--width/--num-frames; one latent for every image or one per image")
+    gen.add_argument("--denoise", type=float, default=1.0,
+                     help="with --init-latent: img2img strength in (0, 1] (diffusers' strength; 1.0 = from noise)")
     add_parallel_args(gen)
     gen.set_defaults(func=cmd_generate)
 

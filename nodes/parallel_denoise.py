@@ -8,7 +8,8 @@ from .common import CATEGORY, CONDITIONING, PIPELINE, comfy_progress, comfy_shou
 class ParallelDenoise:
     DESCRIPTION = ("Denoises images × prompts on the ranks: data parallel splits images between groups, context "
                    "parallel splits each image's tokens. Image j (prompt-major) uses seed + j, so results equal the "
-                   "plain diffusers pipeline with that seed. Output is an unpacked LATENT.")
+                   "plain diffusers pipeline with that seed. Output is ComfyUI's own LATENT (the VAE's raw space, the "
+                   "layout ComfyUI's VAE Decode takes for this model). Connect a latent for image-to-image.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "denoise"
@@ -31,14 +32,25 @@ class ParallelDenoise:
             "optional": {
                 "num_frames": ("INT", {"default": 1, "min": 1, "max": 1025, "step": 4,
                                        "tooltip": "Video families (Wan): frames, 4k+1. Ignored (must be 1) for images."}),
+                "latent": ("LATENT", {"tooltip": (
+                    "Optional start latent (Empty SD3 Latent Image, Empty Hunyuan Latent Video, VAE Encode, …). "
+                    "When connected, its size wins over width, height and num_frames. As in KSampler, the latent "
+                    "batch is the image batch: a 1-image latent is used for every image, or give exactly prompts × "
+                    "images_per_prompt latents (image j gets latent j); other counts are refused.")}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
+                    "1.0: start from noise (the latent only sets the size). Below 1: image-to-image from the "
+                    "latent, equal to diffusers' img2img pipeline with strength = denoise: of `steps`, the first "
+                    "int(steps − steps × denoise) are skipped. Flux and Qwen-Image; Wan needs 1.0.")}),
             },
         }
 
-    def denoise(self, pipeline, conditioning, seed, images_per_prompt, steps, guidance, width, height, num_frames=1):
+    def denoise(self, pipeline, conditioning, seed, images_per_prompt, steps, guidance, width, height, num_frames=1,
+                latent=None, denoise=1.0):
         session = pipeline.session()
-        total = len(conditioning.prompts) * images_per_prompt * steps
+        total = len(conditioning.prompts) * images_per_prompt * steps  # a hint: the engine reports the real total
         latents = run_cancellable(lambda: session.denoise(
             conditioning, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
             images_per_prompt=images_per_prompt, num_frames=num_frames,
+            latent=None if latent is None else latent["samples"], denoise=denoise,
             on_progress=comfy_progress(total), should_cancel=comfy_should_cancel()))
         return ({"samples": latents},)
