@@ -37,7 +37,8 @@ def format_of(pipes, family: str) -> LatentFormat:
 
 
 def reference(pipes, family: str, prompts: list[str], *, seed: int, images_per_prompt: int = 1,
-              denoise: float = 1.0, init: torch.Tensor | None = None, size: dict | None = None) -> torch.Tensor:
+              denoise: float = 1.0, init: torch.Tensor | None = None, size: dict | None = None,
+              steps: int = STEPS, guidance: float | None = None) -> torch.Tensor:
     """The plain diffusers pipeline in this process, image j with seed + j (the seed contract), as a ComfyUI
     LATENT (the normalised result through the family's process_out). With denoise < 1: the family's img2img
     pipeline from `init` (a ComfyUI LATENT, raw space; one latent for all images or one per image)."""
@@ -47,7 +48,8 @@ def reference(pipes, family: str, prompts: list[str], *, seed: int, images_per_p
     for p, prompt in enumerate(prompts):
         for k in range(images_per_prompt):
             j = p * images_per_prompt + k
-            request = ImageRequest(seed=seed + j, steps=STEPS, guidance=GUIDANCE[family], denoise=denoise,
+            request = ImageRequest(seed=seed + j, steps=steps, guidance=GUIDANCE[family] if guidance is None
+                                   else guidance, denoise=denoise,
                                    **(size or SIZE[family]))
             image = None if init is None else fmt.process_in(init[j if init.shape[0] > 1 else 0:][:1])
             out.append(adapter.reference(pipes[family], prompt=prompt, negative_prompt=None, request=request,
