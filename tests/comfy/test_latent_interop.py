@@ -60,11 +60,13 @@ def real_vae_pipe(real_vae_dir):
 
 
 @pytest.fixture(scope="module")
-def server(comfy_module_server_factory, real_vae_dir, tmp_path_factory):
+def server(comfy_module_server_factory, real_vae_dir, tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("interop-models")
     (root / "diffusers").mkdir()
     (root / "vae").mkdir()
     (root / "diffusers" / BUILD.REAL_VAE_MODEL).symlink_to(real_vae_dir, target_is_directory=True)
+    for family in ("qwenimage", "wan"):
+        (root / "diffusers" / f"distdiff-tiny-{family}").symlink_to(tiny_dirs[family], target_is_directory=True)
     (root / "vae" / BUILD.REAL_VAE_FILE).symlink_to(real_vae_dir / "vae" / "diffusion_pytorch_model.safetensors")
     srv = comfy_module_server_factory(model_paths={"diffusers": [str(root / "diffusers")],
                                                    "vae": [str(root / "vae")]})
@@ -145,6 +147,31 @@ def test_empty_sd3_latent_equals_the_run_without_a_latent(server):
     outputs = run_ok(server, prompt)
     with_empty, without = saved_latent(server, outputs, "82"), saved_latent(server, outputs, "83")
     assert tuple(with_empty.shape) == (1, 16, 6, 8)
+    assert (with_empty == without).all()
+
+
+@pytest.mark.parametrize("family, empty_node, inputs, layout", [
+    # ComfyUI's own Qwen-Image workflows start from Empty SD3 Latent Image (4-D); its sampler returns 5-D.
+    ("qwenimage", "EmptySD3LatentImage", dict(width=64, height=48, batch_size=1), (1, 16, 1, 6, 8)),
+    ("wan", "EmptyHunyuanLatentVideo", dict(width=64, height=48, length=5, batch_size=1), (1, 16, 2, 6, 8)),
+])
+def test_comfyuis_empty_latents_set_the_size_for_qwen_image_and_wan(server, family, empty_node, inputs, layout):
+    prompt = example("comfy_vae_decode")
+    for drop in ("VAELoader", "VAEDecode", "SaveImage"):  # these tiny models' VAEs are not ComfyUI-loadable
+        del prompt[node_id(prompt, drop)]
+    prompt[node_id(prompt, "LoadSharded")]["inputs"].update(model=f"distdiff-tiny-{family}")
+    denoise = node_id(prompt, "ParallelDenoise")
+    prompt[denoise]["inputs"].update(guidance=1.0, width=64, height=48, num_frames=inputs.get("length", 1))
+    plain = copy.deepcopy(prompt[denoise])
+    prompt[denoise]["inputs"].update(width=1024, height=1024, num_frames=1)  # the latent's size wins
+    prompt["80"] = {"class_type": empty_node, "inputs": inputs}
+    prompt[denoise]["inputs"]["latent"] = ["80", 0]
+    prompt["81"] = plain
+    prompt["82"] = {"class_type": "SaveLatent", "inputs": {"samples": [denoise, 0], "filename_prefix": "empty"}}
+    prompt["83"] = {"class_type": "SaveLatent", "inputs": {"samples": ["81", 0], "filename_prefix": "plain"}}
+    outputs = run_ok(server, prompt)
+    with_empty, without = saved_latent(server, outputs, "82"), saved_latent(server, outputs, "83")
+    assert tuple(with_empty.shape) == layout
     assert (with_empty == without).all()
 
 
