@@ -158,7 +158,8 @@ class Session:
         fmt = latent_format(self._model_info)
         if latent is not None:
             latent = fmt.to_layout(latent, what="latent", sampling=True)
-            height, width, num_frames = fmt.pixel_size(latent).values()
+            size = fmt.pixel_size(latent)
+            height, width, num_frames = size["height"], size["width"], size["num_frames"]
         elif height is None or width is None:
             raise ConfigError("give height and width, or a latent whose size sets them")
         cp_lengths = self._check_denoise(cond, steps=steps, height=height, width=width,
@@ -231,7 +232,8 @@ class Session:
         if latent is not None:
             fmt = latent_format(info)
             latent = fmt.to_layout(latent, what="latent", sampling=True)
-            height, width, num_frames = fmt.pixel_size(latent).values()
+            size = fmt.pixel_size(latent)
+            height, width, num_frames = size["height"], size["width"], size["num_frames"]
         check_request(info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
                       num_frames=num_frames, seed=seed, denoise=denoise)
         self.load(model_dir, should_cancel=should_cancel)
