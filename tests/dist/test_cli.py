@@ -55,28 +55,26 @@ def test_bad_input_exits_2_with_the_fix_and_starts_nothing(tiny_dirs, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_generate_saves_a_comfyui_latent_and_starts_img2img_from_one(tiny_dirs, tiny_pipes, tmp_path):
-    """--save-latent writes ComfyUI's .latent format; --init-latent + --denoise runs img2img from it (Ulysses),
-    equal to diffusers' FluxImg2ImgPipeline in one process."""
-    from dist_backend.latent_file import read_latent_file
+def test_generate_starts_img2img_from_a_comfyui_latent_file_and_saves_one(tiny_dirs, tiny_pipes, tmp_path):
+    """--init-latent (ComfyUI's .latent format) + --denoise runs img2img under Ulysses, equal to diffusers'
+    FluxImg2ImgPipeline in one process; --save-latent writes the result in the same format."""
+    from dist_backend.latent_file import read_latent_file, write_latent_file
 
-    first = run_cli("generate", "--model", str(tiny_dirs["flux"]), "--prompt", "a house", "--seed", "2",
-                    "--steps", "2", "--height", "48", "--width", "64", "--out", str(tmp_path / "a"), "--save-latent")
-    assert first.returncode == 0, first.stderr[-3000:]
-    latent_file = json.loads(first.stdout.strip().splitlines()[-1])["latent"]
-    init = read_latent_file(latent_file)
-    assert init.shape == (1, 4, 6, 8)  # the tiny Flux VAE's 4 channels, 48 × 64 px
-    second = run_cli("generate", "--model", str(tiny_dirs["flux"]), "--prompt", "a red fox", "--seed", "9",
-                     "--steps", "3", "--init-latent", latent_file, "--denoise", "0.6", "--world-size", "2",
-                     "--ulysses", "2", "--out", str(tmp_path / "b"), "--save-tensors")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert Image.open(json.loads(second.stdout.strip().splitlines()[-1])["images"][0]).size == (64, 48)
+    init = reference(tiny_pipes, "flux", ["a house"], seed=2, size=dict(height=48, width=64))  # [1, 4, 6, 8]
+    latent_file = write_latent_file(tmp_path / "init.latent", init)
+    done = run_cli("generate", "--model", str(tiny_dirs["flux"]), "--prompt", "a red fox", "--seed", "9",
+                   "--steps", "3", "--init-latent", str(latent_file), "--denoise", "0.6", "--world-size", "2",
+                   "--ulysses", "2", "--out", str(tmp_path / "b"), "--save-tensors", "--save-latent")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Image.open(summary["images"][0]).size == (64, 48)  # the latent's size, not --height/--width
     latents = torch.load(tmp_path / "b" / "tensors.pt")["latents"]
+    assert torch.equal(read_latent_file(summary["latent"]), latents)
     expected = reference(tiny_pipes, "flux", ["a red fox"], seed=9, denoise=0.6, init=init,
                          size=dict(height=48, width=64))
     diff = float((latents - expected).abs().max())
     print(f"\n[measured] CLI flux img2img ulysses2 from a .latent file: max abs diff vs diffusers img2img = {diff:.3e}")
     assert diff <= 1e-4
     bad = run_cli("generate", "--model", str(tiny_dirs["flux"]), "--prompt", "x", "--init-latent",
-                  str(tmp_path / "a" / "image_0000.png"), "--denoise", "0.5", "--out", str(tmp_path / "c"))
+                  summary["images"][0], "--denoise", "0.5", "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and "cannot be read as a ComfyUI .latent file" in bad.stderr
