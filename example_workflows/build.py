@@ -12,6 +12,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = "distdiff-tiny-flux"  # tests put the tiny Flux pipeline under this name in models/diffusers
+# Tests put tiny LoRAs for that pipeline under these names in models/loras (tests/lora_fixtures.py).
+TINY_LORAS = {"peft": "distdiff-tiny-flux-peft.safetensors", "kohya": "distdiff-tiny-flux-kohya.safetensors"}
 
 # Widget inputs of each node in INPUT_TYPES order (required, then optional): the UI format stores values by
 # position. "seed" is followed by ComfyUI's control_after_generate value.
@@ -22,6 +24,7 @@ WIDGETS = {
     "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames"],
     "DecodeVAE": [],
     "SaveImage": ["filename_prefix"],
+    "DistDiffLoRA": ["lora_name", "strength"],
 }
 LINKS = {  # (node, input name) <- (source node, output slot, type)
     ("EncodeOnGPUs", "pipeline"): ("LoadSharded", 0, "DISTDIFF_PIPELINE"),
@@ -32,7 +35,8 @@ LINKS = {  # (node, input name) <- (source node, output slot, type)
     ("SaveImage", "images"): ("DecodeVAE", 0, "IMAGE"),
 }
 OUTPUTS = {"LoadSharded": [("pipeline", "DISTDIFF_PIPELINE")], "EncodeOnGPUs": [("conditioning", "DISTDIFF_CONDITIONING")],
-           "ParallelDenoise": [("LATENT", "LATENT")], "DecodeVAE": [("IMAGE", "IMAGE")], "SaveImage": []}
+           "ParallelDenoise": [("LATENT", "LATENT")], "DecodeVAE": [("IMAGE", "IMAGE")], "SaveImage": [],
+           "DistDiffLoRA": [("pipeline", "DISTDIFF_PIPELINE")]}
 ORDER = ["LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "SaveImage"]
 NODE_ID = {name: str(i + 1) for i, name in enumerate(ORDER)}
 
@@ -50,10 +54,43 @@ EXAMPLES = {
                               note="staged load/free (on GPUs: gpus_per_rank=2, device_map=balanced)"),
     "hybrid_dp_ulysses": dict(load=dict(ranks=4, ulysses=2), prompt="a red fox in the snow\na lighthouse at dusk",
                               note="4 ranks = 2 data-parallel groups × 2 Ulysses"),
+    "lora_chain": dict(load=dict(ulysses=2), prompt="a red fox in the snow",
+                       loras=[(TINY_LORAS["peft"], 0.8), (TINY_LORAS["kohya"], -0.6)],
+                       note="two chained LoRA (DistDiff) nodes (a diffusers/PEFT and a kohya file, one negative) "
+                            "under 2-rank Ulysses"),
 }
 
 
+def graph(example: dict) -> tuple[list[str], dict]:
+    """Node keys in execution order and the links of `example`: the base chain, with its LoRA nodes (keys
+    "DistDiffLoRA#1", ... ids after the base nodes) between LoadSharded and every node that takes the pipeline."""
+    loras = [f"DistDiffLoRA#{i + 1}" for i in range(len(example.get("loras", ())))]
+    if not loras:
+        return ORDER, LINKS
+    links = {}
+    source = "LoadSharded"
+    for key in loras:
+        links[(key, "pipeline")] = (source, 0, "DISTDIFF_PIPELINE")
+        source = key
+    for (target, input_name), (src, slot, typ) in LINKS.items():
+        links[(target, input_name)] = (source if typ == "DISTDIFF_PIPELINE" else src, slot, typ)
+    return ["LoadSharded", *loras, *ORDER[1:]], links
+
+
+def node_id(key: str) -> str:
+    if key in NODE_ID:
+        return NODE_ID[key]
+    return str(len(ORDER) + int(key.split("#")[1]))
+
+
+def class_of(key: str) -> str:
+    return key.split("#")[0]
+
+
 def node_values(name: str, example: dict) -> dict:
+    if class_of(name) == "DistDiffLoRA":
+        lora_name, strength = example["loras"][int(name.split("#")[1]) - 1]
+        return {"lora_name": lora_name, "strength": strength}
     if name == "LoadSharded":
         return {**BASE_LOAD, **example["load"]}
     if name == "EncodeOnGPUs":
@@ -66,39 +103,42 @@ def node_values(name: str, example: dict) -> dict:
 
 
 def api_format(example: dict) -> dict:
+    order, graph_links = graph(example)
     prompt = {}
-    for name in ORDER:
+    for name in order:
         inputs = dict(node_values(name, example))
-        for (target, input_name), (source, slot, _) in LINKS.items():
+        for (target, input_name), (source, slot, _) in graph_links.items():
             if target == name:
-                inputs[input_name] = [NODE_ID[source], slot]
-        prompt[NODE_ID[name]] = {"class_type": name, "inputs": inputs, "_meta": {"title": name}}
+                inputs[input_name] = [node_id(source), slot]
+        prompt[node_id(name)] = {"class_type": class_of(name), "inputs": inputs, "_meta": {"title": class_of(name)}}
     return prompt
 
 
 def ui_format(example: dict) -> dict:
+    node_order, graph_links = graph(example)
     links, nodes = [], []
-    for link_id, ((target, input_name), (source, slot, typ)) in enumerate(LINKS.items(), start=1):
-        links.append([link_id, int(NODE_ID[source]), slot, int(NODE_ID[target]), None, typ, input_name])
-    for order, name in enumerate(ORDER):
+    for link_id, ((target, input_name), (source, slot, typ)) in enumerate(graph_links.items(), start=1):
+        links.append([link_id, int(node_id(source)), slot, int(node_id(target)), None, typ, input_name])
+    for order, name in enumerate(node_order):
         values = node_values(name, example)
         widgets = []
-        for w in WIDGETS[name]:
+        for w in WIDGETS[class_of(name)]:
             widgets.append(values[w])
             if w == "seed":
                 widgets.append("fixed")
         inputs = []
         for link in links:
-            if link[3] == int(NODE_ID[name]):
+            if link[3] == int(node_id(name)):
                 link[4] = len(inputs)
                 inputs.append({"name": link[6], "type": link[5], "link": link[0]})
         outputs = [{"name": out_name, "type": typ, "slot_index": i,
-                    "links": [l[0] for l in links if l[1] == int(NODE_ID[name]) and l[2] == i]}
-                   for i, (out_name, typ) in enumerate(OUTPUTS[name])]
-        nodes.append({"id": int(NODE_ID[name]), "type": name, "pos": [60 + 340 * order, 120], "size": [320, 260],
-                      "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
-                      "properties": {"Node name for S&R": name}, "widgets_values": widgets})
-    return {"last_node_id": len(ORDER), "last_link_id": len(links), "nodes": nodes,
+                    "links": [l[0] for l in links if l[1] == int(node_id(name)) and l[2] == i]}
+                   for i, (out_name, typ) in enumerate(OUTPUTS[class_of(name)])]
+        nodes.append({"id": int(node_id(name)), "type": class_of(name), "pos": [60 + 340 * order, 120],
+                      "size": [320, 260], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+                      "outputs": outputs, "properties": {"Node name for S&R": class_of(name)},
+                      "widgets_values": widgets})
+    return {"last_node_id": len(node_order), "last_link_id": len(links), "nodes": nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {},
             "extra": {"distdiff_note": example["note"]}, "version": 0.4}
 

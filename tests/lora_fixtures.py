@@ -82,3 +82,16 @@ def make_kohya_flux_lora(model_dir: str | Path, out: str | Path, *, seed: int, r
         tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=gen) * scale
         tensors[f"{name}.alpha"] = torch.tensor(alpha)
     return _save(tensors, Path(out))
+
+
+TINY_FLUX_LORAS = {"distdiff-tiny-flux-peft.safetensors": "peft", "distdiff-tiny-flux-kohya.safetensors": "kohya"}
+"""The files example_workflows/build.py names (TINY_LORAS) for the tiny Flux pipeline, by layout."""
+
+
+def write_tiny_flux_loras(model_dir: str | Path, folder: str | Path) -> dict[str, Path]:
+    """The example workflows' LoRA files for the tiny Flux pipeline in `model_dir`, written into `folder`
+    (a models/loras folder for a ComfyUI server); file name -> path."""
+    folder = Path(folder)
+    makers = {"peft": lambda out: make_peft_lora(model_dir, "flux", out, seed=1),
+              "kohya": lambda out: make_kohya_flux_lora(model_dir, out, seed=2)}
+    return {name: makers[layout](folder / name) for name, layout in TINY_FLUX_LORAS.items()}

@@ -21,7 +21,7 @@ def test_committed_files_match_the_builder():
 
 def test_every_strategy_has_both_formats_and_they_agree():
     build = _build()
-    for name in ("data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses"):
+    for name in ("data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses", "lora_chain"):
         api = json.loads((ROOT / f"{name}.api.json").read_text())
         ui = json.loads((ROOT / f"{name}.json").read_text())
         assert {n["type"] for n in ui["nodes"]} == {v["class_type"] for v in api.values()}
