@@ -26,10 +26,10 @@ PEFT_TARGETS = {
 }
 
 
-def transformer_shapes(model_dir: str | Path) -> dict[str, list[int]]:
-    """Tensor name -> shape of the transformer's weights, read from the safetensors header (no weights loaded)."""
+def transformer_shapes(model_dir: str | Path, component: str = "transformer") -> dict[str, list[int]]:
+    """Tensor name -> shape of a component's weights, read from the safetensors header (no weights loaded)."""
     shapes = {}
-    for path in sorted((Path(model_dir) / "transformer").glob("*.safetensors")):
+    for path in sorted((Path(model_dir) / component).glob("*.safetensors")):
         with path.open("rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
@@ -65,8 +65,10 @@ def make_peft_lora(model_dir: str | Path, family: str, out: str | Path, *, seed:
 
 
 def make_kohya_flux_lora(model_dir: str | Path, out: str | Path, *, seed: int, rank: int = 4,
-                         scale: float = 0.3, alpha: float = 2.0) -> Path:
-    """A kohya-format Flux LoRA on double block 0 (fused img qkv, img proj) and single block 0 (linear2)."""
+                         scale: float = 0.3, alpha: float = 2.0, text_encoder: bool = False) -> Path:
+    """A kohya-format Flux LoRA on double block 0 (fused img qkv, img proj) and single block 0 (linear2); with
+    `text_encoder`, also on the CLIP text encoder's first attention (`lora_te1_...`), which diffusers loads into
+    the pipeline's text_encoder."""
     shapes = transformer_shapes(model_dir)
     gen = torch.Generator("cpu").manual_seed(seed)
     dim = shapes["transformer_blocks.0.attn.to_q.weight"][0]
@@ -76,6 +78,11 @@ def make_kohya_flux_lora(model_dir: str | Path, out: str | Path, *, seed: int, r
         "lora_unet_double_blocks_0_img_attn_proj": (dim, dim),
         "lora_unet_single_blocks_0_linear2": (dim, single_in),
     }
+    if text_encoder:
+        clip = transformer_shapes(model_dir, "text_encoder")
+        q_proj = next(v for k, v in clip.items() if k.endswith("encoder.layers.0.self_attn.q_proj.weight"))
+        for proj in ("q_proj", "v_proj", "out_proj"):
+            layers[f"lora_te1_text_model_encoder_layers_0_self_attn_{proj}"] = tuple(q_proj)
     tensors = {}
     for name, (out_features, in_features) in layers.items():
         tensors[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=gen) * scale

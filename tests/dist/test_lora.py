@@ -38,6 +38,8 @@ def lora_files(tiny_dirs, tmp_path_factory) -> dict:
     return {
         "peft": peft,
         "kohya": make_kohya_flux_lora(tiny_dirs["flux"], root / "flux_kohya.safetensors", seed=2),
+        "kohya_te": make_kohya_flux_lora(tiny_dirs["flux"], root / "flux_kohya_te.safetensors", seed=4,
+                                         text_encoder=True),
         "qwen": make_peft_lora(tiny_dirs["qwenimage"], "qwenimage", root / "qwen_peft.safetensors", seed=3),
         "broken": broken,
     }
@@ -172,8 +174,26 @@ def test_staged_offload_applies_the_loras_to_every_reloaded_transformer(tiny_dir
         with pytest.raises(ModelError, match="qwen_peft.safetensors"):
             run(session, tiny_dirs["flux"], "flux", PROMPTS[:1], [(lora_files["qwen"], 1.0)])
         assert torch.equal(run(session, tiny_dirs["flux"], "flux", PROMPTS[:1], []), base)
+        # A LoRA that also changes the text encoder cannot be applied with the transformer under staged offload.
+        with pytest.raises(ModelError, match="flux_kohya_te.safetensors(.|\n)*offload=resident"):
+            run(session, tiny_dirs["flux"], "flux", PROMPTS[:1], [(lora_files["kohya_te"], 1.0)])
     finally:
         session.close()
+
+
+@pytest.mark.keeps_ranks
+@pytest.mark.parametrize("session", ["ulysses2"], indirect=True)
+def test_lora_with_text_encoder_layers_matches_diffusers(session, tiny_dirs, lora_files, diffusers_reference):
+    """A kohya file with CLIP layers (lora_te1_...): diffusers loads those into the text encoder, so the prompt
+    embeddings change too; resident ranks apply it before encoding, as the plain pipeline does."""
+    name, session = session
+    loras = [(lora_files["kohya_te"], 0.7)]
+    latents = run(session, tiny_dirs["flux"], "flux", PROMPTS[:1], loras)
+    diff = float((latents - diffusers_reference("flux", PROMPTS[:1], loras)).abs().max())
+    print(f"\n[measured] flux {name} kohya LoRA with text-encoder layers: max abs diff vs diffusers = {diff:.3e}")
+    assert diff <= TOL
+    states = rank_state(session)
+    assert all(s["adapters"] == [session.loras[0].name] for s in states), states
 
 
 @pytest.mark.keeps_ranks
