@@ -108,7 +108,7 @@ def loaded_adapters(pipe) -> set[str]:
     return found
 
 
-def sync_loras(pipe, specs: tuple[LoraSpec, ...], *, before_change: Callable[[], None]) -> bool:
+def sync_loras(pipe, *, specs: tuple[LoraSpec, ...], before_change: Callable[[], None]) -> bool:
     """Make the pipeline's transformer (and whatever other component diffusers loads the file into) hold exactly
     `specs` with their strengths. Returns True when anything changed.
 

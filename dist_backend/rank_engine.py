@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,9 @@ from . import faults, protocol
 from .config import Offload, SessionConfig
 from .errors import Cancelled, ConfigError
 from .pipelines.base import ImageRequest
+
+if TYPE_CHECKING:
+    from .lora import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class RankEngine:
         self.residency = None
         self.adapter = None
         self.model_info: dict[str, Any] | None = None
-        self.loras: tuple = ()  # the wanted LoRA set (lora.LoraSpec), applied whenever the transformer is loaded
+        self.loras: tuple[LoraSpec, ...] = ()  # the wanted set, applied whenever the transformer is loaded
         self._call_id = None
         self._cancel_seen = False
         self.fault = faults.from_env(rank)  # test-only fault injection; None unless DISTDIFF_FAULT names this rank
@@ -68,7 +71,8 @@ class RankEngine:
         from .lora import loaded_adapters
 
         pipe = self.residency.pipe if self.residency is not None else None
-        return {"rank": self.rank, "pid": os.getpid(), "model": self.model_info["model_dir"] if self.model_info else None,
+        return {"rank": self.rank, "pid": os.getpid(),
+                "model": self.model_info["model_dir"] if self.model_info else None,
                 "loads": dict(self.residency.load_counts) if self.residency is not None else {},
                 "adapters": sorted(loaded_adapters(pipe)) if pipe is not None else []}
 
@@ -202,7 +206,7 @@ class RankEngine:
                 disable_context_parallel(pipe.transformer)  # no-op when CP is not enabled
 
         try:
-            sync_loras(pipe, self.loras, before_change=before_change)
+            sync_loras(pipe, specs=self.loras, before_change=before_change)
         except BaseException:
             self.loras = ()
             self.residency.release(getattr(pipe, "_lora_loadable_modules", ("transformer",)))

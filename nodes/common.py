@@ -79,7 +79,8 @@ def resolve_lora(name: str) -> str:
 
     path = folder_paths.get_full_path("loras", name)
     if path is None:
-        raise ModelError(f"LoRA {name!r} is not in any models/loras folder ({', '.join(folder_paths.get_folder_paths('loras'))})")
+        folders = ", ".join(folder_paths.get_folder_paths("loras"))
+        raise ModelError(f"LoRA {name!r} is not in any models/loras folder ({folders}); put the file there")
     return path
 
 

@@ -72,7 +72,7 @@ def output_pixels(server, prompt_id: str) -> list[np.ndarray]:
 
 
 def lora_args(prompt: dict, loras_root: Path) -> list[str]:
-    """`--lora FILE:STRENGTH` for each LoRA (DistDiff) node on the pipeline path into ParallelDenoise, in chain order."""
+    """`--lora FILE:STRENGTH` for each LoRA (DistDiff) node on ParallelDenoise's pipeline path, in chain order."""
     chain = []
     source = prompt[node_id(prompt, "ParallelDenoise")]["inputs"]["pipeline"][0]
     while prompt[source]["class_type"] == "DistDiffLoRA":
