@@ -99,6 +99,9 @@ def test_lora_chain_workflow_equals_diffusers(setup, tiny_dirs):
     got = comfy_pixels(server, prompt)
     want = diffusers_pixels(tiny_dirs["flux"], prompt, loras)
     assert_close(got, want, "lora_chain workflow")
+    status = json.loads(server._http("GET", "/distdiff/status"))
+    assert status["loras"] == [{"file": "distdiff-tiny-flux-peft.safetensors", "strength": 0.8},
+                               {"file": "distdiff-tiny-flux-kohya.safetensors", "strength": -0.6}], status
     base = diffusers_pixels(tiny_dirs["flux"], without_loras(prompt), loras)
     assert np.abs(want.astype(int) - base.astype(int)).max() > 8, "the LoRAs changed nothing: this proves nothing"
 
