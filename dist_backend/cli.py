@@ -54,6 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model_dir=args.model, prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
             images_per_prompt=args.images_per_prompt, num_frames=args.num_frames, latent=init, denoise=args.denoise,
+            loras=args.lora,
         )
     finally:
         session.close()
@@ -68,10 +69,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     summary = {
         "strategy": config.strategy, "ranks": config.world_size, "device": config.device.value,
         "seconds": {**session.timings.stages, "total": round(time.monotonic() - t0, 4)},
+        "loras": [[spec.path, spec.strength] for spec in session.loras],
         "images": paths, **({"latent": latent_path} if latent_path else {}),
     }
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """`FILE[:STRENGTH]` -> (FILE, STRENGTH); the strength defaults to 1.0 and may be negative. Only a suffix
+    that parses as a number is a strength, so paths with colons work."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -103,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=1024)
     gen.add_argument("--width", type=int, default=1024)
     gen.add_argument("--num-frames", type=int, default=1, help="frames for a video family (Wan: 4k+1)")
+    gen.add_argument("--lora", action="append", default=[], type=parse_lora, metavar="FILE[:STRENGTH]",
+                     help="a LoRA .safetensors file and its strength (default 1.0, may be negative); repeat to "
+                          "chain several")
     gen.add_argument("--out", required=True, help="folder for the PNGs")
     gen.add_argument("--save-tensors", action="store_true",
                      help="also write tensors.pt: the latents and the float images before PNG rounding")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,9 @@ from . import faults, protocol
 from .config import Offload, SessionConfig
 from .errors import Cancelled, ConfigError
 from .pipelines.base import ImageRequest
+
+if TYPE_CHECKING:
+    from .lora import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class RankEngine:
         self.residency = None
         self.adapter = None
         self.model_info: dict[str, Any] | None = None
+        self.loras: tuple[LoraSpec, ...] = ()  # the wanted set, applied whenever the transformer is loaded
         self._call_id = None
         self._cancel_seen = False
         self.fault = faults.from_env(rank)  # test-only fault injection; None unless DISTDIFF_FAULT names this rank
@@ -64,7 +68,25 @@ class RankEngine:
         return handler(message)
 
     def op_ping(self, message: dict) -> dict:
-        return {"rank": self.rank, "pid": os.getpid(), "model": self.model_info["model_dir"] if self.model_info else None}
+        from .lora import loaded_adapters
+
+        pipe = self.residency.pipe if self.residency is not None else None
+        return {"rank": self.rank, "pid": os.getpid(),
+                "model": self.model_info["model_dir"] if self.model_info else None,
+                "loads": dict(self.residency.load_counts) if self.residency is not None else {},
+                "adapters": sorted(loaded_adapters(pipe)) if pipe is not None else []}
+
+    def op_set_loras(self, message: dict) -> dict:
+        """Record the wanted LoRA set and apply it now if the transformer is loaded (else at the next denoise).
+        NOTE: symmetric: every rank gets the same set, so every rank disables CP (a collective-free change) and
+        loads the same adapters; the next denoise enables CP again on all of them."""
+        from .lora import LoraSpec
+
+        self._require_model()
+        self.loras = tuple(LoraSpec.from_message(m) for m in message["loras"])
+        if self.residency.pipe is not None:
+            self._sync_loras(self.residency.pipe)
+        return {"adapters": [s.name for s in self.loras]}
 
     def op_load(self, message: dict) -> dict:
         from .pipelines import adapter_for, read_model_config
@@ -132,6 +154,7 @@ class RankEngine:
         latents = []
         pipe = self.residency.ensure(self.adapter.denoise_components)
         try:
+            self._sync_loras(pipe)  # a transformer reloaded by staged offload gets its adapters again here
             if self.config.cp_degree > 1:
                 self._set_cp_mode(pipe.transformer, message["cp_lengths"])
             for index, ((key, seed), init) in enumerate(zip(items, inits)):
@@ -174,6 +197,25 @@ class RankEngine:
     def _require_model(self) -> None:
         if self.residency is None:
             raise ConfigError("no model loaded on this sidecar; call load(model_dir) first")
+
+    def _sync_loras(self, pipe) -> None:
+        """Make the pipeline hold exactly self.loras. LoRAs must wrap the layers before CP places its hooks, so CP
+        is disabled first when anything changes (_set_cp_mode enables it again). A file that fails to load leaves
+        the wanted set empty and drops the LoRA-loadable components, which the next stage reloads from disk: after
+        a failed diffusers load nothing half-changed is ever used, and the next run gives the base model's image."""
+        from .lora import sync_loras
+        from .strategies.context_parallel import disable_context_parallel
+
+        def before_change() -> None:
+            if pipe.transformer is not None:
+                disable_context_parallel(pipe.transformer)  # no-op when CP is not enabled
+
+        try:
+            sync_loras(pipe, specs=self.loras, before_change=before_change)
+        except BaseException:
+            self.loras = ()
+            self.residency.release(getattr(pipe, "_lora_loadable_modules", ("transformer",)))
+            raise
 
     def _set_cp_mode(self, transformer: torch.nn.Module, lengths: dict[str, int]) -> None:
         """Enable CP in the mode this request needs (plain, or diffusers' uneven "anything" mode).
@@ -224,5 +266,6 @@ class RankEngine:
         if self.residency is not None:
             self.residency.close()
         self.residency = None
+        self.loras = ()  # LoRAs belong to a model
         self.adapter = None
         self.model_info = None

@@ -31,6 +31,7 @@ class Residency:
         self._load_kwargs = load_kwargs or (lambda name: {})
         self.pipe = None
         self.loaded: set[str] = set()
+        self.load_counts: dict[str, int] = {}  # component -> times read from disk (tests prove what was not reloaded)
 
     def ensure(self, needed: Iterable[str]) -> Any:
         """Load what `needed` lacks; return the pipeline. Components not asked for are left as they are."""
@@ -60,6 +61,8 @@ class Residency:
         else:
             self.pipe.register_modules(**{name: getattr(fresh, name) for name in missing})
         self.loaded |= missing
+        for name in missing:
+            self.load_counts[name] = self.load_counts.get(name, 0) + 1
         return self.pipe
 
     def release(self, names: Iterable[str]) -> None:

@@ -10,9 +10,10 @@ import atexit
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +21,9 @@ from .config import SessionConfig, check_devices
 from .driver import CancelFn, ProgressFn, Sidecar
 from .errors import ConfigError
 from .split import block_bounds, image_items
+
+if TYPE_CHECKING:
+    from .lora import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ class Session:
         self._sidecar: Sidecar | None = None
         self._model_dir: str | None = None
         self._model_info: dict[str, Any] | None = None
+        self._loras: tuple = ()  # lora.LoraSpec, the set the ranks hold (None: unknown after a failed call)
         self._lock = threading.RLock()
         self.starts = 0
         self.timings = Timings()
@@ -71,6 +76,8 @@ class Session:
                 self.timings.add("start", time.monotonic() - t0)
                 if self._model_dir is not None:
                     self._sidecar.call("load", self._same({"model_dir": self._model_dir}))
+                    if self._loras:
+                        self._sidecar.call("set_loras", self._same({"loras": [s.to_message() for s in self._loras]}))
             return self._sidecar
 
     def alive(self) -> bool:
@@ -116,10 +123,38 @@ class Session:
                 # The ranks drop the old model before loading the new one, so after any failure (or cancel) the
                 # session holds no model: nothing half-loaded is ever used, and a restart does not reload it.
                 self._model_dir = self._model_info = None
+                self._loras = ()  # the ranks drop LoRAs with the model they belong to
                 sidecar.call("load", self._same({"model_dir": model_dir}), should_cancel=should_cancel)
                 self._model_dir, self._model_info = model_dir, info
             self.timings.add("load", time.monotonic() - t0)
         return info
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]], *,
+                  should_cancel: CancelFn | None = None) -> tuple[LoraSpec, ...]:
+        """Make every rank hold exactly these LoRAs ((file, strength) pairs, applied in order) for the next stages;
+        `[]` removes them all (the base model's exact output again). The files are checked here first (ConfigError
+        naming the file); a file diffusers cannot fit to the model raises ModelError naming it, and the ranks are
+        left with no LoRA. A strength change or a smaller set only swaps adapters; the base model is not reloaded.
+        Loading another model drops the set."""
+        from .lora import lora_specs
+
+        specs = lora_specs(loras)
+        self._require_model()
+        with self._lock:
+            if specs == self._loras:
+                return specs
+            self._loras = None  # unknown until every rank confirms (a failure leaves ranks without LoRAs)
+            t0 = time.monotonic()
+            self.sidecar.call("set_loras", self._same({"loras": [s.to_message() for s in specs]}),
+                              should_cancel=should_cancel)
+            self._loras = specs
+            self.timings.add("lora", time.monotonic() - t0)
+        return specs
+
+    @property
+    def loras(self) -> tuple[LoraSpec, ...]:
+        """The LoRA set the ranks hold (empty after a failure)."""
+        return self._loras or ()
 
     def encode(self, prompts: list[str] | tuple[str, ...] | str, negative_prompt: str | None = None, *,
                should_cancel: CancelFn | None = None) -> Conditioning:
@@ -191,8 +226,13 @@ class Session:
             })
         with self._lock:
             t0 = time.monotonic()
-            results = self.sidecar.call("denoise", payloads, on_progress=on_progress, should_cancel=should_cancel,
-                                        stepped=True)
+            try:
+                results = self.sidecar.call("denoise", payloads, on_progress=on_progress,
+                                            should_cancel=should_cancel, stepped=True)
+            except BaseException:
+                if self._loras:
+                    self._loras = None  # a rank that failed applying a LoRA dropped its set (RankEngine._sync_loras)
+                raise
             self.timings.add("denoise", time.monotonic() - t0)
         self.last_cp_modes = [r["cp_mode"] for r in results]  # what each rank really ran (tests check it)
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
@@ -220,10 +260,13 @@ class Session:
     def generate(self, *, model_dir: str | Path, prompts: list[str], negative_prompt: str | None = None, seed: int,
                  steps: int, guidance: float, height: int | None = None, width: int | None = None,
                  images_per_prompt: int = 1, num_frames: int = 1, latent: torch.Tensor | None = None,
-                 denoise: float = 1.0, on_progress: ProgressFn | None = None,
+                 denoise: float = 1.0, loras: Sequence[tuple[str | Path, float]] = (),
+                 on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All four stages. Returns (latents, images); `latent` and `denoise` as for `denoise`."""
+        """All four stages, with `loras` ((file, strength) pairs) applied. Returns (latents, images); `latent` and
+        `denoise` as for `denoise`."""
         from .latent_format import latent_format
+        from .lora import lora_specs
         from .pipelines import read_model_config
 
         # Everything knowable from the arguments and the folder's configs is refused before any rank starts.
@@ -236,7 +279,9 @@ class Session:
             height, width, num_frames = size["height"], size["width"], size["num_frames"]
         check_request(info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
                       num_frames=num_frames, seed=seed, denoise=denoise)
+        lora_specs(loras)
         self.load(model_dir, should_cancel=should_cancel)
+        self.set_loras(loras, should_cancel=should_cancel)
         cond = self.encode(prompts, negative_prompt, should_cancel=should_cancel)
         latents = self.denoise(cond, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
                                images_per_prompt=images_per_prompt, num_frames=num_frames, latent=latent,

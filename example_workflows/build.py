@@ -17,6 +17,8 @@ TINY_MODEL = "distdiff-tiny-flux"  # tests put the tiny Flux pipeline under this
 REAL_VAE_MODEL = "distdiff-tiny-flux-realvae"
 REAL_VAE_FILE = "distdiff-tiny-flux-realvae.safetensors"
 INPUT_IMAGE = "distdiff_example.png"  # tests put a 64 × 64 picture under this name in ComfyUI's input folder
+# Tests put tiny LoRAs for that pipeline under these names in models/loras (tests/lora_fixtures.py).
+TINY_LORAS = {"peft": "distdiff-tiny-flux-peft.safetensors", "kohya": "distdiff-tiny-flux-kohya.safetensors"}
 
 # Widget inputs of each node in INPUT_TYPES order (required, then optional): the UI format stores values by
 # position. "seed" is followed by ComfyUI's control_after_generate value.
@@ -32,11 +34,13 @@ WIDGETS = {
     "VAELoader": ["vae_name"],
     "VAEEncode": [],
     "VAEDecode": [],
+    "DistDiffLoRA": ["lora_name", "strength"],
 }
 OUTPUTS = {"LoadSharded": [("pipeline", "DISTDIFF_PIPELINE")], "EncodeOnGPUs": [("conditioning", "DISTDIFF_CONDITIONING")],
            "ParallelDenoise": [("LATENT", "LATENT")], "DecodeVAE": [("IMAGE", "IMAGE")], "SaveImage": [],
            "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "VAELoader": [("VAE", "VAE")],
-           "VAEEncode": [("LATENT", "LATENT")], "VAEDecode": [("IMAGE", "IMAGE")]}
+           "VAEEncode": [("LATENT", "LATENT")], "VAEDecode": [("IMAGE", "IMAGE")],
+           "DistDiffLoRA": [("pipeline", "DISTDIFF_PIPELINE")]}
 # A graph: its nodes in id order, and its links (node, input name) <- (source node, output slot, type).
 OURS = {
     "order": ["LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "SaveImage"],
@@ -86,6 +90,10 @@ EXAMPLES = {
                               note="staged load/free (on GPUs: gpus_per_rank=2, device_map=balanced)"),
     "hybrid_dp_ulysses": dict(load=dict(ranks=4, ulysses=2), prompt="a red fox in the snow\na lighthouse at dusk",
                               note="4 ranks = 2 data-parallel groups × 2 Ulysses"),
+    "lora_chain": dict(load=dict(ulysses=2), prompt="a red fox in the snow",
+                       loras=[(TINY_LORAS["peft"], 0.8), (TINY_LORAS["kohya"], -0.6)],
+                       note="two chained LoRA (DistDiff) nodes (a diffusers/PEFT and a kohya file, one negative) "
+                            "under 2-rank Ulysses"),
 }
 # Our nodes with ComfyUI's own (a host with Flux-era nodes, and a model whose VAE ComfyUI's Load VAE reads).
 INTEROP_EXAMPLES = {
@@ -99,14 +107,34 @@ INTEROP_EXAMPLES = {
 
 
 def graph_of(example: dict) -> dict:
-    return example.get("graph", OURS)
+    """The example's graph ({"order": node keys, "links": ...}); its LoRA nodes (keys "DistDiffLoRA#1", ...) go
+    between LoadSharded and every node that takes the pipeline."""
+    base = example.get("graph", OURS)
+    loras = [f"DistDiffLoRA#{i + 1}" for i in range(len(example.get("loras", ())))]
+    if not loras:
+        return base
+    links, source = {}, "LoadSharded"
+    for key in loras:
+        links[(key, "pipeline")] = (source, 0, "DISTDIFF_PIPELINE")
+        source = key
+    for (target, input_name), (src, slot, typ) in base["links"].items():
+        links[(target, input_name)] = (source if typ == "DISTDIFF_PIPELINE" else src, slot, typ)
+    order = base["order"]
+    return {"order": [order[0], *loras, *order[1:]], "links": links}
 
 
-def node_id(example: dict, name: str) -> str:
-    return str(graph_of(example)["order"].index(name) + 1)
+def node_id(example: dict, key: str) -> str:
+    return str(graph_of(example)["order"].index(key) + 1)
+
+
+def class_of(key: str) -> str:
+    return key.split("#")[0]
 
 
 def node_values(name: str, example: dict) -> dict:
+    if class_of(name) == "DistDiffLoRA":
+        lora_name, strength = example["loras"][int(name.split("#")[1]) - 1]
+        return {"lora_name": lora_name, "strength": strength}
     if name == "LoadSharded":
         return {**BASE_LOAD, **example["load"]}
     if name == "EncodeOnGPUs":
@@ -129,7 +157,8 @@ def api_format(example: dict) -> dict:
         for (target, input_name), (source, slot, _) in graph["links"].items():
             if target == name:
                 inputs[input_name] = [node_id(example, source), slot]
-        prompt[node_id(example, name)] = {"class_type": name, "inputs": inputs, "_meta": {"title": name}}
+        prompt[node_id(example, name)] = {"class_type": class_of(name), "inputs": inputs,
+                                          "_meta": {"title": class_of(name)}}
     return prompt
 
 
@@ -142,7 +171,7 @@ def ui_format(example: dict) -> dict:
     for order, name in enumerate(graph["order"]):
         values = node_values(name, example)
         widgets = []
-        for w in WIDGETS[name]:
+        for w in WIDGETS[class_of(name)]:
             widgets.append(values[w])
             if w == "seed":
                 widgets.append("fixed")
@@ -153,10 +182,10 @@ def ui_format(example: dict) -> dict:
                 inputs.append({"name": link[6], "type": link[5], "link": link[0]})
         outputs = [{"name": out_name, "type": typ, "slot_index": i,
                     "links": [l[0] for l in links if l[1] == int(node_id(example, name)) and l[2] == i]}
-                   for i, (out_name, typ) in enumerate(OUTPUTS[name])]
-        nodes.append({"id": int(node_id(example, name)), "type": name, "pos": [60 + 340 * order, 120],
+                   for i, (out_name, typ) in enumerate(OUTPUTS[class_of(name)])]
+        nodes.append({"id": int(node_id(example, name)), "type": class_of(name), "pos": [60 + 340 * order, 120],
                       "size": [320, 260], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
-                      "outputs": outputs, "properties": {"Node name for S&R": name}, "widgets_values": widgets})
+                      "outputs": outputs, "properties": {"Node name for S&R": class_of(name)}, "widgets_values": widgets})
     return {"last_node_id": len(graph["order"]), "last_link_id": len(links), "nodes": nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {},
             "extra": {"distdiff_note": example["note"]}, "version": 0.4}

@@ -20,12 +20,15 @@ class PipelineHandle:
     config: object  # dist_backend.config.SessionConfig
     model_dir: str
     family: str
+    loras: tuple[tuple[str, float], ...] = ()
+    """(file, strength) in chain order (DistDiffLoRA nodes append); the ranks hold exactly these for every stage."""
 
     def session(self):
         from ..dist_backend.session import get_session
 
         session = get_session(self.config)
         session.load(self.model_dir)  # no-op when this model is already loaded
+        session.set_loras(self.loras)  # no-op when the ranks already hold exactly this set
         return session
 
 
@@ -60,6 +63,25 @@ def resolve_model(name: str, path: str) -> str:
             return candidate
     raise ModelError(f"model {name!r} is not in any models/{MODEL_FOLDER} folder ({', '.join(model_folders())}); "
                      "put the diffusers folder there or give its absolute path in model_path")
+
+
+def lora_names() -> list[str]:
+    """LoRA files in ComfyUI's models/loras folders (ComfyUI's own list, as its LoraLoader shows it)."""
+    import folder_paths
+
+    return [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(".safetensors")]
+
+
+def resolve_lora(name: str) -> str:
+    import folder_paths
+
+    from ..dist_backend.errors import ModelError
+
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths("loras"))
+        raise ModelError(f"LoRA {name!r} is not in any models/loras folder ({folders}); put the file there")
+    return path
 
 
 def comfy_progress(total_hint: int):

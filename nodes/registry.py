@@ -9,19 +9,20 @@ def NODE_CLASS_MAPPINGS():
     from .decode_vae import DecodeVAE
     from .encode_on_gpus import EncodeOnGPUs
     from .load_sharded import LoadSharded
+    from .lora import DistDiffLoRA
     from .parallel_denoise import ParallelDenoise
     from .release_gpus import ReleaseGPUs
 
     _add_routes()
     # The type ids are part of every saved workflow: never rename them.
     return {"LoadSharded": LoadSharded, "EncodeOnGPUs": EncodeOnGPUs, "ParallelDenoise": ParallelDenoise,
-            "DecodeVAE": DecodeVAE, "DistDiffReleaseGPUs": ReleaseGPUs}
+            "DecodeVAE": DecodeVAE, "DistDiffReleaseGPUs": ReleaseGPUs, "DistDiffLoRA": DistDiffLoRA}
 
 
 def NODE_DISPLAY_NAME_MAPPINGS():
     return {"LoadSharded": "Load Sharded (DistDiff)", "EncodeOnGPUs": "Encode on GPUs (DistDiff)",
             "ParallelDenoise": "Parallel Denoise (DistDiff)", "DecodeVAE": "Decode VAE (DistDiff)",
-            "DistDiffReleaseGPUs": "Release GPUs (DistDiff)"}
+            "DistDiffReleaseGPUs": "Release GPUs (DistDiff)", "DistDiffLoRA": "LoRA (DistDiff)"}
 
 
 def _add_routes() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def status_payload() -> dict:
     from ..dist_backend.session import current_session
@@ -18,4 +20,5 @@ def status_payload() -> dict:
         "starts": session.starts,
         "pids": session.sidecar_pids() if alive else [],
         "seconds": dict(session.timings.stages),
+        "loras": [{"file": os.path.basename(spec.path), "strength": spec.strength} for spec in session.loras],
     }

@@ -22,6 +22,7 @@ from harness import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.helpers import rank_processes, wait_no_ranks  # noqa: E402
+from tests.lora_fixtures import write_tiny_flux_loras  # noqa: E402
 
 EXAMPLES = REPO_ROOT / "example_workflows"
 # Our-nodes-only examples (example_workflows/build.py EXAMPLES); the interop ones run in test_latent_interop.py.
@@ -29,7 +30,7 @@ API_FILES = [EXAMPLES / f"{name}.api.json" for name in ("data_parallel", "device
                                                         "ring", "ulysses")]
 TINY_NAME = "distdiff-tiny-flux"
 pytestmark = pytest.mark.keeps_ranks  # the module's ComfyUI keeps its sidecar up between tests, on purpose
-NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs")
+NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs", "DistDiffLoRA")
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,15 @@ def models_root(tiny_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(comfy_module_server_factory, models_root):
-    srv = comfy_module_server_factory(model_paths={"diffusers": [str(models_root)]})
+def loras_root(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    write_tiny_flux_loras(tiny_dirs["flux"], root)  # the LoRA files the example workflows name
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(comfy_module_server_factory, models_root, loras_root):
+    srv = comfy_module_server_factory(model_paths={"diffusers": [str(models_root)], "loras": [str(loras_root)]})
     yield srv
     # ComfyUI's own release route, then the server stops at module teardown; no rank may survive either.
     srv._http("POST", "/distdiff/release", {})
@@ -65,7 +73,18 @@ def output_pixels(server, prompt_id: str) -> list[np.ndarray]:
             for i in images]
 
 
-def cli_pixels(prompt: dict, model_dir: Path, out: Path) -> list[np.ndarray]:
+def lora_args(prompt: dict, loras_root: Path) -> list[str]:
+    """`--lora FILE:STRENGTH` for each LoRA (DistDiff) node on ParallelDenoise's pipeline path, in chain order."""
+    chain = []
+    source = prompt[node_id(prompt, "ParallelDenoise")]["inputs"]["pipeline"][0]
+    while prompt[source]["class_type"] == "DistDiffLoRA":
+        inputs = prompt[source]["inputs"]
+        chain.insert(0, f"{loras_root / inputs['lora_name']}:{inputs['strength']}")
+        source = inputs["pipeline"][0]
+    return [arg for item in chain for arg in ("--lora", item)]
+
+
+def cli_pixels(prompt: dict, model_dir: Path, out: Path, loras_root: Path) -> list[np.ndarray]:
     """The CLI run with the workflow's settings (the contract: the node graph and the CLI agree), as ComfyUI's
     SaveImage would write it. SaveImage truncates (uint8(255 × x)) where the CLI's PNGs round like diffusers
     (round(255 × x)), so the comparison uses the CLI's float images, saved next to its PNGs."""
@@ -80,7 +99,7 @@ def cli_pixels(prompt: dict, model_dir: Path, out: Path) -> list[np.ndarray]:
            "--images-per-prompt", str(den["images_per_prompt"]),
            "--world-size", str(load_in["ranks"]), "--dp", str(load_in["dp"]), "--ring", str(load_in["ring"]),
            "--ulysses", str(load_in["ulysses"]), "--dtype", load_in["dtype"], "--device", load_in["device"],
-           "--offload", load_in["offload"], "--save-tensors"]
+           "--offload", load_in["offload"], "--save-tensors", *lora_args(prompt, loras_root)]
     for p in prompts:
         cmd += ["--prompt", p]
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -106,7 +125,7 @@ def test_nodes_are_registered_with_tooltips_and_descriptions(server):
 
 
 @pytest.mark.parametrize("api_file", API_FILES, ids=[p.name.split(".")[0] for p in API_FILES])
-def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, tmp_path):
+def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, loras_root, tmp_path):
     prompt = load(api_file.name)
     prompt_id, events = server.run(prompt, timeout=240)
     kinds = [e["type"] for e in events]
@@ -117,7 +136,7 @@ def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, tmp_path)
     assert progress and progress[-1]["value"] == progress[-1]["max"], "ParallelDenoise sent no per-step progress"
     assert len(progress) >= steps  # one message per step at least
     got = output_pixels(server, prompt_id)
-    want = cli_pixels(prompt, tiny_dirs["flux"], tmp_path / "cli")
+    want = cli_pixels(prompt, tiny_dirs["flux"], tmp_path / "cli", loras_root)
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         assert g.shape == w.shape == (64, 64, 3)
