@@ -1,4 +1,4 @@
-"""Command line: generate, make-tiny, demo. Prints one JSON summary line on stdout; logs go to stderr."""
+"""Command line: generate, plan, make-tiny, demo. Prints one JSON summary line on stdout; logs go to stderr."""
 
 from __future__ import annotations
 
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write tensors.pt: the latents and the float images before PNG rounding")
     add_parallel_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    from .planning.command import add_plan_args, cmd_plan
+
+    plan = sub.add_parser("plan", help="print the parallel layout for a model and GPUs, starting nothing")
+    add_plan_args(plan)
+    plan.set_defaults(func=cmd_plan)
 
     tiny = sub.add_parser("make-tiny", help="build a tiny random-weight pipeline offline")
     tiny.add_argument("--family", required=True, choices=["flux", "qwenimage", "wan"])

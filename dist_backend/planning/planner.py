@@ -472,8 +472,10 @@ class _Context:
                            "by hand for it.")
         warnings = []
         if g.count > 1 and speedup < costs.SPEEDUP_WARNING:
+            alternative = "" if faster_fp8 is None else (
+                f"; fp8 weights would allow {_strategy(faster_fp8.layout)} at {self.single / faster_fp8.step:.2f}×")
             warnings.append(f"predicted speedup {speedup:.2f}× is below {costs.SPEEDUP_WARNING}×: "
-                            + self._slow_cause(c, link))
+                            + self._slow_cause(c, link) + alternative)
         return Plan(dp=lay.dp, cfg=lay.cfg, ring=lay.ring, ulysses=lay.ulysses, gpus_per_rank=lay.gpus_per_rank,
                     offload=lay.offload, weights=lay.weights, vae_tiling=c.tiling, gpus=g.count,
                     memory_used=c.memory, memory_budget=g.memory, step_seconds=c.step,
@@ -550,7 +552,8 @@ class _Context:
             causes.append(f"too few tokens: {self.split_tokens} tokens over {lay.cp} ranks leaves "
                           f"{self.split_tokens // lay.cp} per rank, where the GPU runs far below its peak")
         if c.floor >= c.compute + c.communication:
-            causes.append("too few tokens: the step is bound by launching kernels from the host (eager diffusers)")
+            causes.append("launch-bound: the step is bound by the host launching kernels (eager diffusers), "
+                          "not by the GPU")
         if any(n % lay.cp for n in self.lengths().values()) and lay.cp > 1:
             causes.append("uneven lengths: a sequence does not divide by the CP degree and is padded")
         if lay.gpus_per_rank > 1:
