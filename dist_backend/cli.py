@@ -44,7 +44,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .images import image_names, save_pngs
     from .session import Session
 
-    config = _config_from_args(args)  # validated here, before any rank starts
+    plan = None
+    if args.auto:  # the planner fills the degrees (validated, and the plan checked, before any rank starts)
+        from .planning.command import auto_session_config
+
+        config, plan = auto_session_config(args)
+    else:
+        config = _config_from_args(args)  # validated here, before any rank starts
     session = Session(config)
     t0 = time.monotonic()
     try:
@@ -66,6 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "seconds": {**session.timings.stages, "total": round(time.monotonic() - t0, 4)},
         "images": paths,
     }
+    if plan is not None:
+        summary["plan"] = plan.to_dict()
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -103,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-tensors", action="store_true",
                      help="also write tensors.pt: the latents and the float images before PNG rounding")
     add_parallel_args(gen)
+    gen.add_argument("--auto", action="store_true",
+                     help="let the planner choose dp, ring, ulysses and gpus_per_rank for --world-size devices "
+                          "(degrees given with other than their default are kept); the plan goes into the summary")
     gen.set_defaults(func=cmd_generate)
 
     from .planning.command import add_plan_args, cmd_plan

@@ -68,3 +68,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = plan_from_args(args)
     print(json.dumps(result.to_dict()) if args.json else result.describe(), flush=True)  # noqa: T201 (a CLI)
     return 0
+
+
+# -- generate --auto --------------------------------------------------------------------------------------------
+
+def auto_session_config(args: argparse.Namespace):
+    """(SessionConfig, Plan) for `generate --auto`: the planner fills dp, ring, ulysses and gpus_per_rank for
+    `--world-size` devices (CUDA: GPUs of this machine; CPU: rank processes). A degree given with a value other
+    than its default counts as set by hand; the rest (device, dtype, attention backend, threads) comes from the
+    flags as without --auto."""
+    import os
+
+    from ..config import SessionConfig
+    from .hardware import Gpus, detect_gpus
+    from .model_facts import read_model_facts
+    from .planner import Hand, Request, plan, session_kwargs
+
+    hand = {k: v for k, v in (("dp", args.dp), ("ring", args.ring), ("ulysses", args.ulysses),
+                              ("gpus_per_rank", args.gpus_per_rank)) if v not in (0, 1)}
+    if args.offload != "resident":
+        hand["offload"] = args.offload
+    if args.device == "cuda":
+        found = detect_gpus()
+        gpus = Gpus(count=args.world_size, memory=found.memory, interconnect=found.interconnect, flops=found.flops,
+                    name=found.name)
+    else:
+        # CPU ranks: the cost model is the GPUs' and says nothing true about CPU speed; what the plan gives here
+        # is a layout the engine can run. Each rank process counts as one device with its share of the RAM.
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        gpus = Gpus(count=args.world_size, memory=ram // args.world_size, name="CPU rank", flops=1e12)
+        hand.update(gpus_per_rank=1, weights="bf16")
+    request = Request(height=args.height, width=args.width, frames=args.num_frames,
+                      images=len(args.prompt) * args.images_per_prompt, guidance=args.guidance,
+                      negative_prompt=args.negative_prompt, steps=args.steps)
+    chosen = plan(model=read_model_facts(args.model), gpus=gpus, request=request, hand=Hand(**hand))
+    kwargs = session_kwargs(chosen, device=args.device, dtype=args.dtype)
+    config = SessionConfig(**kwargs, attention_backend=args.attention_backend, threads_per_rank=args.threads_per_rank,
+                           max_memory=args.max_memory if chosen.gpus_per_rank > 1 else "")
+    return config, chosen

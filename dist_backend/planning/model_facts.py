@@ -26,8 +26,10 @@ VARIABLE_TEXT_TOKENS = 128
 """Text tokens assumed for the cost of a family whose text length follows the prompt (Qwen-Image: the prompt's own
 tokens, up to 512): about a 100-word prompt. Only the cost uses it; divisibility is never assumed."""
 
-_TEXT_TOKENS = {Family.FLUX: 512, Family.WAN: 512, Family.QWENIMAGE: None}
-"""Text tokens per pass: FluxPipeline and WanPipeline pad to max_sequence_length 512; Qwen-Image does not pad."""
+_TEXT_TOKENS = {Family.FLUX: (512, "tokenizer_2"), Family.WAN: (512, "tokenizer"), Family.QWENIMAGE: (None, "")}
+"""Text tokens per pass and the tokenizer that may cap them: FluxPipeline and WanPipeline pad to
+max_sequence_length 512, or less when the tokenizer's model_max_length is smaller (the adapters' `text_length_cap`);
+Qwen-Image does not pad."""
 
 _STAGES = {"encode": "text_components", "denoise": "denoise_components", "decode": "decode_components"}
 
@@ -138,15 +140,21 @@ def read_model_facts(model_dir: str | Path) -> ModelFacts:
     index = _json(root / "model_index.json")
     configs = {name: _json(root / name / "config.json") for name, spec in index.items()
                if _is_component(name, spec) and (root / name / "config.json").is_file()}
+    tokenizers = {name: _json(root / name / "tokenizer_config.json") for name, spec in index.items()
+                  if _is_component(name, spec) and (root / name / "tokenizer_config.json").is_file()}
     models = build_meta_models(root, dtype=torch.bfloat16)
     sizes = {name: module_bytes(m) for name, m in models.items()}
     fp8 = {name: fp8_bytes(m) for name, m in models.items()}
-    return facts_from_configs(name=root.name, model_index=index, configs=configs, sizes=sizes, fp8_sizes=fp8)
+    return facts_from_configs(name=root.name, model_index=index, configs=configs, sizes=sizes, fp8_sizes=fp8,
+                              tokenizer_configs=tokenizers)
 
 
 def facts_from_configs(*, name: str, model_index: Mapping[str, Any], configs: Mapping[str, Mapping[str, Any]],
-                       sizes: Mapping[str, int], fp8_sizes: Mapping[str, int]) -> ModelFacts:
-    """`ModelFacts` from a pipeline's model_index.json, its components' configs and their bf16 / fp8 byte sizes."""
+                       sizes: Mapping[str, int], fp8_sizes: Mapping[str, int],
+                       tokenizer_configs: Mapping[str, Mapping[str, Any]] | None = None) -> ModelFacts:
+    """`ModelFacts` from a pipeline's model_index.json, its components' configs, their bf16 / fp8 byte sizes and,
+    when known, its tokenizers' tokenizer_config.json (a model_max_length below the pipeline's default caps the
+    text, as in the tiny test pipelines)."""
     from ..strategies.context_parallel import CP_MODEL_CLASSES
 
     class_name = model_index.get("_class_name")
@@ -178,10 +186,14 @@ def facts_from_configs(*, name: str, model_index: Mapping[str, Any], configs: Ma
         else:
             scale, temporal = 2 ** (len(vae["block_out_channels"]) - 1), 1
             channels = int(vae["block_out_channels"][0])
+    text_tokens, tokenizer = _TEXT_TOKENS[family]
+    limit = (tokenizer_configs or {}).get(tokenizer, {}).get("model_max_length")
+    if text_tokens is not None and isinstance(limit, int) and 0 < limit < text_tokens:
+        text_tokens = limit
     return ModelFacts(
         name=name, family=family, class_name=str(class_name), weights=dict(sizes),
         fp8_weights={c: int(fp8_sizes.get(c, sizes[c])) for c in denoise}, stage_of=stage_of, shape=shape,
-        text_tokens=_TEXT_TOKENS[family], text_is_split=family is not Family.WAN,
+        text_tokens=text_tokens, text_is_split=family is not Family.WAN,
         guidance_distilled=family is Family.FLUX, cfg_needs_negative=family is Family.QWENIMAGE,
         cp_supported=transformer_class in CP_MODEL_CLASSES, vae_scale=scale, vae_temporal=temporal,
         patch=patch, vae_channels=channels, configs={k: dict(v) for k, v in configs.items()},
@@ -210,10 +222,6 @@ def fp8_bytes(model) -> int:
             if param.is_floating_point() and param.element_size() > 1:
                 saved += param.numel() * (param.element_size() - 1)
     return total - saved
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def padded(length: int, degree: int) -> int:

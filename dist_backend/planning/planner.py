@@ -141,17 +141,18 @@ def _strategy(layout) -> str:
     return "×".join(parts) or "single"
 
 
-def session_kwargs(plan: Plan, *, config_fields: set[str] | None = None) -> dict[str, object]:
-    """Keyword arguments for `SessionConfig` that run `plan` on CUDA in bf16 compute. Settings the plan needs
-    but `SessionConfig` does not have yet (the `cfg` degree, fp8 storage) raise ConfigError instead of being
-    dropped silently; `config_fields` defaults to SessionConfig's own fields."""
+def session_kwargs(plan: Plan, *, device: str = "cuda", dtype: str = "bfloat16",
+                   config_fields: set[str] | None = None) -> dict[str, object]:
+    """Keyword arguments for `SessionConfig` that run `plan` (on CUDA in bf16 unless told otherwise). Settings the
+    plan needs but `SessionConfig` does not have yet (the `cfg` degree, fp8 storage) raise ConfigError instead of
+    being dropped silently; `config_fields` defaults to SessionConfig's own fields."""
     if config_fields is None:
         from ..config import SessionConfig
 
         config_fields = {f.name for f in fields(SessionConfig)}
     kwargs: dict[str, object] = {
         "world_size": plan.world_size, "dp": plan.dp, "ring": plan.ring, "ulysses": plan.ulysses,
-        "gpus_per_rank": plan.gpus_per_rank, "offload": plan.offload.value, "device": "cuda", "dtype": "bfloat16",
+        "gpus_per_rank": plan.gpus_per_rank, "offload": plan.offload.value, "device": device, "dtype": dtype,
     }
     if plan.gpus_per_rank > 1:
         kwargs["device_map"] = "balanced"
