@@ -25,8 +25,6 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from .hardware import Interconnect
-
 # -- compute -----------------------------------------------------------------------------------------------------
 
 MATMUL_OF_PEAK = 770e12 / 989e12
@@ -48,9 +46,10 @@ took 80.3 / 74.9 ms of CPU issue time for FLUX.1-dev's 57 blocks, equal to their
 
 # -- communication -----------------------------------------------------------------------------------------------
 
-BANDWIDTH = {Interconnect.NVLINK: 450e9, Interconnect.PCIE: 25e9}
-"""Bytes per second each way per GPU. NVLink 4 on H100 SXM: 900 GB/s both ways (published); PCIe 4.0 x16: about
-25 GB/s achieved of 32 GB/s. The same figures as `bench/gpu_model.py`'s predictions."""
+BANDWIDTH = {"nvlink": 450e9, "pcie": 25e9}
+"""Bytes per second each way per GPU, by `hardware.Interconnect` value. NVLink 4 on H100 SXM: 900 GB/s both ways
+(published); PCIe 4.0 x16: about 25 GB/s achieved of 32 GB/s. The same figures as `bench/gpu_model.py`'s
+predictions."""
 
 COLLECTIVE_LATENCY_S = 15e-6
 """Fixed cost of one NCCL collective inside a step (bench/gpu_model.py `--alpha-us`, the value §7 predicts with)."""
@@ -86,6 +85,9 @@ given: the most common card of each size (NVIDIA data sheets; the 4090's figure 
 KNOWN_GPUS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "RTX 6000 Ada": 364e12,
               "A6000": 155e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "A10": 125e12, "L4": 121e12}
 """Published dense bf16 FLOP/s by a part of the device name torch reports (NVIDIA data sheets)."""
+
+FP8_WORTH_MENTIONING = 1.2
+"""A bf16 plan mentions the fp8 layout it passed over when that one is predicted at least this much faster."""
 
 SPEEDUP_WARNING = 1.1
 """A plan on several GPUs whose predicted speedup over one GPU is below this gets a warning naming the cause."""
@@ -151,8 +153,9 @@ class PassTime:
 
 
 def pass_time(*, flops: float, tokens_per_rank: float, layers: int, comm_bytes: float, collectives: int,
-              peak_flops: float, interconnect: Interconnect, ring: int) -> PassTime:
+              peak_flops: float, interconnect: str, ring: int) -> PassTime:
     """One pass of `flops` (this rank's share) at `tokens_per_rank`, moving `comm_bytes` in `collectives`."""
     compute = flops / (peak_flops * MATMUL_OF_PEAK * efficiency(tokens_per_rank, ring=ring))
-    communication = comm_bytes / BANDWIDTH[interconnect] + collectives * COLLECTIVE_LATENCY_S if collectives else 0.0
+    bandwidth = BANDWIDTH[str(getattr(interconnect, "value", interconnect))]
+    communication = comm_bytes / bandwidth + collectives * COLLECTIVE_LATENCY_S if collectives else 0.0
     return PassTime(compute=compute, communication=communication, floor=layers * EAGER_ISSUE_S_PER_BLOCK)

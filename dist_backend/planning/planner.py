@@ -10,163 +10,19 @@ among near ties. Degrees set by hand (`Hand`) are kept; the planner then only ch
 
 from __future__ import annotations
 
-import enum
 import itertools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from ..config import Offload
 from ..errors import ConfigError
 from . import costs
 from .hardware import Gpus, Interconnect
+from .layout import Hand, Plan, Request, WeightStorage, session_kwargs, strategy_name
 from .meta_sizes import human_bytes
 from .model_facts import VARIABLE_TEXT_TOKENS, ModelFacts, padded
 
-
-class WeightStorage(str, enum.Enum):
-    """How the denoising transformer's weights are stored on the GPU."""
-
-    BF16 = "bf16"
-    FP8 = "fp8"  # diffusers' layerwise casting: stored in float8, computed in bf16 (changes numerics slightly)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Request:
-    """What one call asks for (the sizes the plan must fit)."""
-
-    height: int = 1024
-    width: int = 1024
-    frames: int = 1
-    """Frames of a video (Wan: 4k + 1); 1 for images."""
-    images: int = 1
-    """Images (videos) in the call: prompts × images per prompt."""
-    guidance: float = 3.5
-    negative_prompt: str | None = None
-    steps: int = 28
-
-    def __post_init__(self) -> None:
-        for name in ("height", "width", "frames", "images", "steps"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Hand:
-    """Settings given by hand; None = the planner chooses."""
-
-    dp: int | None = None
-    cfg: int | None = None
-    ring: int | None = None
-    ulysses: int | None = None
-    gpus_per_rank: int | None = None
-    offload: Offload | None = None
-    weights: WeightStorage | None = None
-
-    def __post_init__(self) -> None:
-        if self.offload is not None:
-            object.__setattr__(self, "offload", Offload(getattr(self.offload, "value", self.offload)))
-        if self.weights is not None:
-            object.__setattr__(self, "weights", WeightStorage(getattr(self.weights, "value", self.weights)))
-        for name in ("dp", "cfg", "ring", "ulysses", "gpus_per_rank"):
-            value = getattr(self, name)
-            if value is not None and (type(value) is not int or value < 1):
-                raise ConfigError(f"{name} must be an integer ≥ 1 (or left to the planner), got {value!r}")
-
-    def given(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Plan:
-    """A layout the engine can run, with its predicted cost and the reasons for it in plain sentences."""
-
-    dp: int
-    cfg: int
-    """2: the positive and negative CFG branches run on different ranks at the same time."""
-    ring: int
-    ulysses: int
-    gpus_per_rank: int
-    offload: Offload
-    weights: WeightStorage
-    vae_tiling: bool
-    """The VAE decode of one output would not fit whole: decode in tiles (diffusers' enable_tiling)."""
-    gpus: int
-    memory_used: int
-    """Bytes on the fullest GPU at the stage that needs the most (weights + activations + reserve)."""
-    memory_budget: int
-    """Bytes of each GPU."""
-    step_seconds: float
-    """Predicted seconds of one denoise step of the whole call (every image, both CFG branches)."""
-    single_gpu_step_seconds: float
-    """The same on one GPU of this kind, whether or not the model fits on it."""
-    reasons: tuple[str, ...]
-    warnings: tuple[str, ...] = ()
-    hand_set: tuple[str, ...] = ()
-    """Names of the settings that were given by hand."""
-
-    @property
-    def world_size(self) -> int:
-        """Rank processes: dp × cfg × ring × ulysses."""
-        return self.dp * self.cfg * self.ring * self.ulysses
-
-    @property
-    def speedup(self) -> float:
-        return self.single_gpu_step_seconds / self.step_seconds
-
-    @property
-    def strategy(self) -> str:
-        return _strategy(self)
-
-    def describe(self) -> str:
-        """The plan as text: one line of degrees, then the reasons, then any warnings."""
-        head = (f"plan: {self.strategy} on {self.gpus} GPU{'s' if self.gpus > 1 else ''} ({self.world_size} "
-                f"rank{'s' if self.world_size > 1 else ''}), {self.offload.value}, {self.weights.value} weights"
-                + (", VAE tiling" if self.vae_tiling else ""))
-        lines = [head, *(f"  - {r}" for r in self.reasons), *(f"  ! {w}" for w in self.warnings)]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data.update(offload=self.offload.value, weights=self.weights.value, world_size=self.world_size,
-                    strategy=self.strategy, speedup=round(self.speedup, 3), reasons=list(self.reasons),
-                    warnings=list(self.warnings), hand_set=list(self.hand_set))
-        return data
-
-
-def _strategy(layout) -> str:
-    """"dp2×ulysses4"-style name of a layout (SessionConfig.strategy's form, plus cfg)."""
-    parts = [f"{n}{d}" for n, d in (("dp", layout.dp), ("cfg", layout.cfg), ("ring", layout.ring),
-                                     ("ulysses", layout.ulysses), ("device_map", layout.gpus_per_rank)) if d > 1]
-    return "×".join(parts) or "single"
-
-
-def session_kwargs(plan: Plan, *, device: str = "cuda", dtype: str = "bfloat16",
-                   config_fields: set[str] | None = None) -> dict[str, object]:
-    """Keyword arguments for `SessionConfig` that run `plan` (on CUDA in bf16 unless told otherwise). Settings the
-    plan needs but `SessionConfig` does not have yet (the `cfg` degree, fp8 storage) raise ConfigError instead of
-    being dropped silently; `config_fields` defaults to SessionConfig's own fields."""
-    if config_fields is None:
-        from ..config import SessionConfig
-
-        config_fields = {f.name for f in fields(SessionConfig)}
-    kwargs: dict[str, object] = {
-        "world_size": plan.world_size, "dp": plan.dp, "ring": plan.ring, "ulysses": plan.ulysses,
-        "gpus_per_rank": plan.gpus_per_rank, "offload": plan.offload.value, "device": device, "dtype": dtype,
-    }
-    if plan.gpus_per_rank > 1:
-        kwargs["device_map"] = "balanced"
-    if plan.cfg > 1:
-        kwargs["cfg"] = plan.cfg
-    if plan.weights is WeightStorage.FP8:
-        kwargs["weight_storage"] = plan.weights.value
-    missing = sorted(k for k in kwargs if k not in config_fields)
-    if missing:
-        raise ConfigError(f"the plan needs {', '.join(f'{k}={kwargs[k]!r}' for k in missing)}, which this engine's "
-                          "SessionConfig does not offer yet; set the degrees by hand without it (e.g. weights "
-                          "'bf16', cfg 1) or add GPUs")
-    return kwargs
-
+__all__ = ["Hand", "Plan", "Request", "WeightStorage", "plan", "session_kwargs"]
 
 # -- the search -------------------------------------------------------------------------------------------------
 
@@ -236,7 +92,7 @@ def plan(*, model: ModelFacts, gpus: Gpus, request: Request, hand: Hand | None =
     chosen = min((c for c in pool if c.total <= best * (1 + costs.NEAR_TIE)), key=lambda c: c.simplicity)
     faster_fp8 = min((c for c in costed if c.layout.weights is WeightStorage.FP8), key=lambda c: c.total,
                      default=None)
-    if faster_fp8 is not None and faster_fp8.total * 1.3 > chosen.total:
+    if faster_fp8 is not None and faster_fp8.total * costs.FP8_WORTH_MENTIONING > chosen.total:
         faster_fp8 = None  # not worth mentioning
     return ctx.explain(chosen, hand=hand, rejected=rejected, bf16_fits=bool(bf16), faster_fp8=faster_fp8)
 
@@ -455,7 +311,7 @@ class _Context:
             reasons.append(f"device_map over {lay.gpus_per_rank} GPUs per rank{by_hand('gpus_per_rank')}: "
                            "the model only fits split by layers; this makes it fit, not faster.")
         # memory
-        tiers = self._memory_sentence(c, bf16_fits=bf16_fits, rejected=rejected, by_hand=by_hand)
+        tiers = self._memory_sentence(c, bf16_fits=bf16_fits, rejected=rejected, by_hand=by_hand, given=given)
         reasons.extend(tiers)
         # time
         speedup = self.single / c.step
@@ -466,15 +322,15 @@ class _Context:
                        f"{self.single:.2f} s on one {self.gpu_name}: {speedup:.2f}×"
                        + (f"; staged reloads add about {c.reload * r.steps:.1f} s per call" if c.reload else "")
                        + ".")
+        alternative = ""
         if faster_fp8 is not None:
             f = faster_fp8.layout
-            reasons.append(f"bf16 kept: fp8 storage would allow {_strategy(f)} ({f.offload.value}) at "
+            alternative = f"; fp8 weights would allow {strategy_name(f)} at {self.single / faster_fp8.step:.2f}×"
+            reasons.append(f"bf16 kept: fp8 storage would allow {strategy_name(f)} ({f.offload.value}) at "
                            f"{self.single / faster_fp8.step:.2f}×, but changes the numerics; choose weights 'fp8' "
                            "by hand for it.")
         warnings = []
         if g.count > 1 and speedup < costs.SPEEDUP_WARNING:
-            alternative = "" if faster_fp8 is None else (
-                f"; fp8 weights would allow {_strategy(faster_fp8.layout)} at {self.single / faster_fp8.step:.2f}×")
             warnings.append(f"predicted speedup {speedup:.2f}× is below {costs.SPEEDUP_WARNING}×: "
                             + self._slow_cause(c, link) + alternative)
         return Plan(dp=lay.dp, cfg=lay.cfg, ring=lay.ring, ulysses=lay.ulysses, gpus_per_rank=lay.gpus_per_rank,
@@ -515,7 +371,8 @@ class _Context:
         return (f"Ulysses {lay.ulysses} × Ring {lay.ring}{by_hand('ulysses')}: {heads} heads divide by {lay.ulysses} "
                 f"but not by {lay.cp}, so the other factor {lay.ring} is Ring; {tokens} tokens divide by {lay.cp}.")
 
-    def _memory_sentence(self, c: _Costed, *, bf16_fits: bool, rejected: dict[_Layout, str], by_hand) -> list[str]:
+    def _memory_sentence(self, c: _Costed, *, bf16_fits: bool, rejected: dict[_Layout, str], by_hand,
+                         given: dict) -> list[str]:
         lay, m = c.layout, self.model
         w = self.weights(lay)
         text = sum(b for k, b in w.items() if m.stage_of[k] == "encode")
@@ -534,8 +391,10 @@ class _Context:
             out.append(f"Staged{by_hand('offload')}: resident does not fit: {rejected[resident]}.")
         if lay.weights is WeightStorage.FP8:
             bf16 = _Layout(lay.dp, lay.cfg, lay.ring, lay.ulysses, lay.gpus_per_rank, lay.offload, WeightStorage.BF16)
-            if not bf16_fits:
-                out.append(f"fp8 weights{by_hand('weights')}: no layout fits in bf16 on these GPUs"
+            if "weights" in given:
+                out.append("fp8 weights (set by hand): stored in float8, computed in bf16.")
+            elif not bf16_fits:
+                out.append("fp8 weights: no layout fits in bf16 on these GPUs"
                            + (f" ({rejected[bf16]})" if bf16 in rejected else "") + ".")
         if c.tiling:
             out.append(f"VAE tiling: decoding a whole {self.request.width}×{self.request.height} output would need "

@@ -46,7 +46,8 @@ def test_sizes_from_configs_alone_equal_the_published_models(facts):
     assert facts["wan2.1-t2v-14b"].weights["transformer"] / 2 == pytest.approx(14.3e9, rel=0.01)
     assert facts["wan2.1-t2v-14b"].weights["text_encoder"] / 2 == pytest.approx(5.68e9, rel=0.01)
     wan22 = facts["wan2.2-t2v-a14b"]
-    assert wan22.stage_of["transformer_2"] == "denoise" and wan22.weights["transformer_2"] == wan22.weights["transformer"]
+    assert wan22.stage_of["transformer_2"] == "denoise"
+    assert wan22.weights["transformer_2"] == wan22.weights["transformer"]
     for f in facts.values():  # fp8 storage halves the cast layers only
         for c, b in f.fp8_weights.items():
             assert f.weights[c] / 2 < b < f.weights[c]
@@ -112,6 +113,9 @@ def test_every_plan_multiplies_to_the_gpus_divides_the_heads_fits_and_says_why(f
                     assert "only fits split by layers" in text
                 if p.weights is WeightStorage.FP8:
                     assert "no layout fits in bf16" in text
+                else:
+                    fp8_note = any("fp8 weights would allow" in w for w in p.warnings)
+                    assert fp8_note <= any(r.startswith("bf16 kept: fp8 storage") for r in p.reasons)
                 if p.vae_tiling:
                     assert "VAE tiling" in text
                 assert bool(p.warnings) == (p.speedup < costs.SPEEDUP_WARNING)
