@@ -4,7 +4,7 @@
 - `meta_sizes`: component sizes and layer splits computed on meta-device models (no weights read);
 - `sharding`: the placement plan of a model folder for a SessionConfig, as the loader uses it;
 - strategy = auto: `model_facts` (a model's cost-relevant facts from its configs), `hardware` (the GPUs),
-  `costs` (the cost model, every constant with its source), `planner` (the pure `plan()`), `layout` (the `Plan`
+  `costs` (the cost model, every constant with its source), `planner` (the pure `plan()`), `reasons` (its sentences), `layout` (the `Plan`
   and how it becomes SessionConfig arguments), `command` (`python -m dist_backend plan`, `generate --auto`),
   `table` (docs/PLANS.md).
 

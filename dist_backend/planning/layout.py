@@ -153,3 +153,49 @@ def session_kwargs(plan: Plan, *, device: str = "cuda", dtype: str = "bfloat16",
                           "'bf16', cfg 1) or add GPUs")
     return kwargs
 
+
+
+# -- the planner's candidates ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout the planner considers: degrees, offload and weight storage."""
+
+    dp: int
+    cfg: int
+    ring: int
+    ulysses: int
+    gpus_per_rank: int
+    offload: Offload
+    weights: WeightStorage
+
+    @property
+    def cp(self) -> int:
+        return self.ring * self.ulysses
+
+
+@dataclass(frozen=True)
+class Costed:
+    """A candidate that runs and fits, with its predicted seconds per step (the whole call) by cause."""
+
+    layout: Candidate
+    step: float
+    compute: float
+    communication: float
+    floor: float
+    memory: int
+    tiling: bool
+    reload: float
+    idle: int
+    """Data-parallel groups without an image."""
+
+    @property
+    def total(self) -> float:
+        return self.step + self.reload
+
+    @property
+    def simplicity(self) -> tuple:
+        lay = self.layout
+        return (lay.weights is WeightStorage.FP8, self.idle, lay.offload is Offload.STAGED, lay.gpus_per_rank,
+                lay.ring, lay.ulysses, lay.cfg)
+
