@@ -34,7 +34,8 @@ def setups():
                 yield count, memory, link
 
 
-def render(models_dir: str | Path) -> str:
+def render(models_dir: str | Path, *, facts: dict | None = None) -> str:
+    """The markdown of docs/PLANS.md; `facts` (folder -> ModelFacts) saves re-reading the configs."""
     from .costs import typical_gpu
     from .hardware import Gpus
     from .model_facts import read_model_facts
@@ -53,15 +54,15 @@ def render(models_dir: str | Path) -> str:
         "",
     ]
     for folder, title, request in MODELS:
-        facts = read_model_facts(Path(models_dir) / folder)
-        weights = " + ".join(f"{c} {b / GB:.1f}" for c, b in facts.weights.items())
+        model = (facts or {}).get(folder) or read_model_facts(Path(models_dir) / folder)
+        weights = " + ".join(f"{c} {b / GB:.1f}" for c, b in model.weights.items())
         lines += [f"## {title}", "", f"bf16 weights (GB): {weights}.", "",
                   "| GPUs | GB each | link | plan | offload | weights | GB used per GPU | speedup | note |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for count, memory, link in setups():
             gpus = Gpus(count=count, memory=memory * GB, interconnect=link)
             try:
-                p = plan(model=facts, gpus=gpus, request=Request(**request))
+                p = plan(model=model, gpus=gpus, request=Request(**request))
             except ConfigError as exc:
                 why = str(exc).split(": even ")[-1].replace("|", "/")
                 lines.append(f"| {count} | {memory} | {link} | does not fit | | | | | {_short(why)} |")

@@ -213,6 +213,6 @@ def test_cli_plan_prints_the_plan_or_the_refusal(capsys):
     assert "does not fit" in capsys.readouterr().err
 
 
-def test_docs_plans_table_is_up_to_date():
-    assert (ROOT / "docs" / "PLANS.md").read_text(encoding="utf-8") == render(MODELS_DIR), (
+def test_docs_plans_table_is_up_to_date(facts):
+    assert (ROOT / "docs" / "PLANS.md").read_text(encoding="utf-8") == render(MODELS_DIR, facts=facts), (
         "docs/PLANS.md is stale: python -m dist_backend.planning.table --models tests/data/models --out docs/PLANS.md")
