@@ -1,4 +1,4 @@
-"""Command line: generate, make-tiny, demo. Prints one JSON summary line on stdout; logs go to stderr."""
+"""Command line: generate, plan, make-tiny, demo. Prints one JSON summary line on stdout; logs go to stderr."""
 
 from __future__ import annotations
 
@@ -45,7 +45,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .latent_file import read_latent_file, write_latent_file
     from .session import Session
 
-    config = _config_from_args(args)  # validated here, before any rank starts
+    plan = None
+    if args.auto:  # the planner fills the degrees (validated, and the plan checked, before any rank starts)
+        from .planning.command import auto_session_config
+
+        config, plan = auto_session_config(args)
+    else:
+        config = _config_from_args(args)  # validated here, before any rank starts
     init = read_latent_file(args.init_latent) if args.init_latent else None
     session = Session(config)
     t0 = time.monotonic()
@@ -72,6 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "loras": [[spec.path, spec.strength] for spec in session.loras],
         "images": paths, **({"latent": latent_path} if latent_path else {}),
     }
+    if plan is not None:
+        summary["plan"] = plan.to_dict()
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -131,7 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--denoise", type=float, default=1.0,
                      help="with --init-latent: img2img strength in (0, 1] (diffusers' strength; 1.0 = from noise)")
     add_parallel_args(gen)
+    gen.add_argument("--auto", action="store_true",
+                     help="let the planner choose dp, ring, ulysses and gpus_per_rank for --world-size devices "
+                          "(degrees given with other than their default are kept); the plan goes into the summary")
     gen.set_defaults(func=cmd_generate)
+
+    from .planning.command import add_plan_args, cmd_plan
+
+    plan = sub.add_parser("plan", help="print the parallel layout for a model and GPUs, starting nothing")
+    add_plan_args(plan)
+    plan.set_defaults(func=cmd_plan)
 
     tiny = sub.add_parser("make-tiny", help="build a tiny random-weight pipeline offline")
     tiny.add_argument("--family", required=True, choices=["flux", "qwenimage", "wan"])

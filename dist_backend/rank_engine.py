@@ -104,7 +104,7 @@ class RankEngine:
                                   *self.adapter.decode_components) if c in info["models"])
         load_kwargs = None
         if self.config.gpus_per_rank > 1:
-            from .sharding import load_kwargs_for, plan_for_model, rank_budgets
+            from .planning.sharding import load_kwargs_for, plan_for_model, rank_budgets
 
             gpus = self.config.rank_gpus(self.rank)
             plan = plan_for_model(model_dir, config=self.config, adapter=self.adapter,

@@ -111,8 +111,8 @@ class Session:
             # The placement is a pure function of the folder's configs and the budgets: refuse a plan that does
             # not fit before any rank starts (ranks without max_memory plan on their GPUs' free memory).
             from .pipelines import adapter_for
-            from .sharding import plan_for_model
-            from .strategies.placement import parse_max_memory
+            from .planning.placement import parse_max_memory
+            from .planning.sharding import plan_for_model
 
             plan_for_model(model_dir, config=self.config, adapter=adapter_for(info["family"]),
                            budgets=parse_max_memory(self.config.max_memory), models=set(info["models"]))

@@ -78,3 +78,21 @@ def test_generate_starts_img2img_from_a_comfyui_latent_file_and_saves_one(tiny_d
     bad = run_cli("generate", "--model", str(tiny_dirs["flux"]), "--prompt", "x", "--init-latent",
                   summary["images"][0], "--denoise", "0.5", "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and "cannot be read as a ComfyUI .latent file" in bad.stderr
+
+
+def test_generate_auto_chooses_a_valid_plan_and_equals_one_process(tiny_dirs, tiny_pipes, tmp_path):
+    # One image on 2 CPU ranks: nothing for data parallelism, so the planner splits the image (Ulysses: the tiny
+    # Flux has 4 heads). The degrees and the reasons come back in the summary.
+    done = run_cli("generate", "--auto", "--model", str(tiny_dirs["flux"]), "--prompt", "a cat", "--seed", "5",
+                   "--steps", "3", "--guidance", "3.5", "--height", "64", "--width", "64", "--world-size", "2",
+                   "--out", str(tmp_path), "--save-tensors")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    plan = summary["plan"]
+    assert plan["dp"] * plan["cfg"] * plan["ring"] * plan["ulysses"] * plan["gpus_per_rank"] == 2
+    assert (plan["dp"], plan["ulysses"]) == (1, 2) and summary["strategy"] == plan["strategy"] == "ulysses2"
+    assert any("4 heads divide by 2" in r for r in plan["reasons"])
+    latents = torch.load(tmp_path / "tensors.pt")["latents"]
+    diff = float((latents - reference(tiny_pipes, "flux", ["a cat"], seed=5)).abs().max())
+    print(f"\n[measured] CLI --auto (ulysses2), tiny flux: max abs diff vs one process = {diff:.3e}")
+    assert diff <= 1e-4
