@@ -223,7 +223,7 @@ class Session:
                  denoise: float = 1.0, on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All four stages. Returns (latents, images); `latent` and `denoise` as for `denoise`."""
-        from .latent_format import latent_format
+        from .latent_format import latent_format, pair_with_images
         from .pipelines import read_model_config
 
         # Everything knowable from the arguments and the folder's configs is refused before any rank starts.
@@ -234,6 +234,7 @@ class Session:
             latent = fmt.to_layout(latent, what="latent", sampling=True)
             size = fmt.pixel_size(latent)
             height, width, num_frames = size["height"], size["width"], size["num_frames"]
+            pair_with_images(latent, prompts=len(prompts), images_per_prompt=images_per_prompt)
         check_request(info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
                       num_frames=num_frames, seed=seed, denoise=denoise)
         self.load(model_dir, should_cancel=should_cancel)
