@@ -265,7 +265,7 @@ class Session:
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All four stages, with `loras` ((file, strength) pairs) applied. Returns (latents, images); `latent` and
         `denoise` as for `denoise`."""
-        from .latent_format import latent_format
+        from .latent_format import latent_format, pair_with_images
         from .lora import lora_specs
         from .pipelines import read_model_config
 
@@ -277,6 +277,7 @@ class Session:
             latent = fmt.to_layout(latent, what="latent", sampling=True)
             size = fmt.pixel_size(latent)
             height, width, num_frames = size["height"], size["width"], size["num_frames"]
+            pair_with_images(latent, prompts=len(prompts), images_per_prompt=images_per_prompt)
         check_request(info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
                       num_frames=num_frames, seed=seed, denoise=denoise)
         lora_specs(loras)
