@@ -79,7 +79,10 @@ class QwenImageAdapter(PackedImageAdapter):
             negative_prompt_embeds_mask=c.get("negative_prompt_embeds_mask"),
             true_cfg_scale=request.guidance, height=request.height, width=request.width,
             num_inference_steps=request.steps, latents=latents, output_type="latent", return_dict=False,
-            callback_on_step_end=step_callback(on_step, request.steps),
+            callback_on_step_end=step_callback(
+                on_step, request.steps, start=latents,
+                # ComfyUI treats Qwen-Image latents as one-frame video ([B, C, 1, h, w], the Wan 2.1 format).
+                to_preview=lambda x: pipe._unpack_latents(x, request.height, request.width, pipe.vae_scale_factor)),
         )[0]
         return self._unpack(pipe, packed, request)
 
