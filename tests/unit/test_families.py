@@ -9,7 +9,6 @@ import pytest
 from dist_backend.errors import Cancelled, ConfigError
 from dist_backend.pipelines import Family, adapter_for, load_pipeline, read_model_config
 from dist_backend.pipelines.base import ImageRequest
-from dist_backend.pipelines.flux import FluxAdapter
 
 CPU = torch.device("cpu")
 PROMPT = "a photo of a cat"
@@ -19,13 +18,10 @@ GUIDANCE = {"flux": 3.5, "qwenimage": 4.0, "wan": 5.0}
 FRAMES = {"flux": 1, "qwenimage": 1, "wan": 5}
 
 
-def request(family: str, *, seed: int = 7, guidance: float | None = None, steps: int = 2) -> ImageRequest:
+def request(family: str, *, seed: int = 7, guidance: float | None = None, steps: int = 2,
+            true_cfg_scale: float = 1.0) -> ImageRequest:
     return ImageRequest(seed=seed, steps=steps, guidance=GUIDANCE[family] if guidance is None else guidance,
-                        height=64, width=64, num_frames=FRAMES[family])
-
-
-def adapter(family: str, *, true_cfg: bool = False):
-    return FluxAdapter(true_cfg_scale=2.0) if true_cfg else adapter_for(family)
+                        height=64, width=64, num_frames=FRAMES[family], true_cfg_scale=true_cfg_scale)
 
 
 CASES = [
@@ -37,12 +33,12 @@ CASES = [
 
 @pytest.mark.parametrize("family, negative, true_cfg", CASES)
 def test_denoise_of_encode_equals_reference(tiny_pipes, family, negative, true_cfg):
-    pipe, a = tiny_pipes[family], adapter(family, true_cfg=true_cfg)
-    req = request(family)
+    pipe, a = tiny_pipes[family], adapter_for(family)
+    req = request(family, true_cfg_scale=2.0 if true_cfg else 1.0)
     cond = a.encode(pipe, prompt=PROMPT, negative_prompt=negative, device=CPU)
     assert all(v.device.type == "cpu" and v.shape[0] == 1 for v in cond.values())
     steps = []
-    latents = a.denoise(pipe, cond=cond, request=req, device=CPU, on_step=lambda i, n: steps.append((i, n)))
+    latents = a.denoise(pipe, cond=cond, request=req, device=CPU, on_step=lambda i, n, preview: steps.append((i, n)))
     ref = a.reference(pipe, prompt=PROMPT, negative_prompt=negative, request=req)
     diff = (latents - ref).abs().max().item()
     print(f"{family} negative={negative!r} true_cfg={true_cfg}: denoise vs reference max abs diff {diff:.3g}")
@@ -52,7 +48,8 @@ def test_denoise_of_encode_equals_reference(tiny_pipes, family, negative, true_c
     assert diff <= TOL
     assert steps == [(1, 2), (2, 2)]
     # The seed matters (so the equality above is not trivially true).
-    other = a.denoise(pipe, cond=cond, request=request(family, seed=8), device=CPU)
+    other = a.denoise(pipe, cond=cond, request=request(family, seed=8, true_cfg_scale=req.true_cfg_scale),
+                      device=CPU)
     assert (other - latents).abs().max() > 1e-3
 
 
@@ -92,7 +89,7 @@ def test_cancel_from_on_step_propagates(tiny_pipes):
     cond = a.encode(pipe, prompt=PROMPT, negative_prompt=None, device=CPU)
     seen = []
 
-    def on_step(done, total):
+    def on_step(done, total, preview):
         seen.append(done)
         raise Cancelled(f"stop after {done}")
 
