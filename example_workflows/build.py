@@ -19,7 +19,8 @@ WIDGETS = {
     "LoadSharded": ["model", "ranks", "dp", "ring", "ulysses", "device", "dtype", "offload", "gpus_per_rank",
                     "device_map", "max_memory", "attention_backend", "model_path"],
     "EncodeOnGPUs": ["prompt", "negative_prompt"],
-    "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames"],
+    "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames", "true_cfg",
+                        "guidance_2"],
     "DecodeVAE": [],
     "SaveImage": ["filename_prefix"],
 }
@@ -39,7 +40,8 @@ NODE_ID = {name: str(i + 1) for i, name in enumerate(ORDER)}
 BASE_LOAD = dict(model=TINY_MODEL, ranks=2, dp=0, ring=1, ulysses=1, device="cpu", dtype="float32",
                  offload="resident", gpus_per_rank=1, device_map="none", max_memory="", attention_backend="",
                  model_path="")
-BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1)
+BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1,
+                    true_cfg=1.0, guidance_2=-1.0)
 
 EXAMPLES = {
     "data_parallel": dict(load={}, prompt="a red fox in the snow\na lighthouse at dusk\na bowl of ramen",
