@@ -13,6 +13,8 @@ import pytest
 pytestmark = pytest.mark.keeps_ranks
 TINY_NAME = "distdiff-tiny-qwenimage"
 STEPS = 3
+WIDTH, HEIGHT = 96, 64  # not square: the preview keeps the aspect ratio
+PREVIEW_SIZE = 512  # ComfyUI's default --preview-size
 # comfy/server.py: BinaryEventTypes.PREVIEW_IMAGE = 1, then a 4-byte image type (1 = JPEG), then the image.
 PREVIEW_IMAGE, JPEG = 1, 1
 
@@ -42,14 +44,14 @@ def workflow() -> dict:
                                                        "negative_prompt": " "}},
         "3": {"class_type": "ParallelDenoise", "inputs": {
             "pipeline": pipe, "conditioning": cond, "seed": 1, "images_per_prompt": 1, "steps": STEPS,
-            "guidance": 2.5, "width": 64, "height": 64}},
+            "guidance": 2.5, "width": WIDTH, "height": HEIGHT}},
         "4": {"class_type": "DecodeVAE", "inputs": {"pipeline": pipe, "samples": lat}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": img}},
     }
 
 
 def test_previews_arrive_on_ws_during_parallel_denoise(server):
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     _, events = server.run(workflow(), timeout=240)
     kinds = [e["type"] for e in events]
@@ -69,5 +71,7 @@ def test_previews_arrive_on_ws_during_parallel_denoise(server):
         event, image_type = struct.unpack(">II", frame[:8])
         assert (event, image_type) == (PREVIEW_IMAGE, JPEG)
         image = Image.open(io.BytesIO(frame[8:]))
-        # Latent-to-RGB previews are at latent resolution (64 px / 8), below ComfyUI's preview size, so unscaled.
-        assert image.format == "JPEG" and image.size == (8, 8)
+        # Latent-to-RGB makes one pixel per latent pixel (px / 8); ComfyUI's server then fits it into its preview size.
+        latent_image = Image.new("RGB", (WIDTH // 8, HEIGHT // 8))
+        assert image.format == "JPEG"
+        assert image.size == ImageOps.contain(latent_image, (PREVIEW_SIZE, PREVIEW_SIZE)).size == (512, 341)

@@ -80,11 +80,10 @@ def run(session, model_dir, family: str, prompts: list[str], *, seed: int, **hoo
 
 
 @pytest.mark.keeps_ranks
+@pytest.mark.parametrize("session", ["dp2", "ulysses2", "ring2"], indirect=True)  # staged: see the wan22 test
 @pytest.mark.parametrize("family", ["flux", "qwenimage", "wan"])
 def test_cfg_with_negative_prompt_matches_single_process(session, family, tiny_dirs, tiny_pipes):
     name, session = session
-    if name.endswith("staged"):
-        pytest.skip("CFG needs no staged run: the wan22 test covers staged offload")
     latents = run(session, tiny_dirs[family], family, PROMPTS, seed=11)
     expected = reference(tiny_pipes[family], family, PROMPTS, seed=11)
     diff = float((latents - expected).abs().max())
@@ -123,10 +122,9 @@ def test_wan22_two_experts_match_single_process(session, wan22):
 
 
 @pytest.mark.keeps_ranks
+@pytest.mark.parametrize("session", ["dp2", "ulysses2"], indirect=True)  # once data parallel, once CP
 def test_previews_come_from_rank_0_once_per_step(session, tiny_dirs):
     name, session = session
-    if name not in ("dp2", "ulysses2"):
-        pytest.skip("previews are checked once with data parallel and once with context parallel")
     previews, order = [], []
 
     def on_preview(latent):
