@@ -182,3 +182,19 @@ def test_adapters_declare_family(tiny_dirs):
         assert a.name == family.value
         assert read_model_config(tiny_dirs[family.value])["class_name"] in a.pipeline_class_names
     assert adapter_for("wan").is_video and not adapter_for("flux").is_video
+
+
+@pytest.mark.parametrize("family", ["flux", "qwenimage", "wan"])
+def test_step_previews_are_x0_estimates_in_comfyui_layout(tiny_pipes, family):
+    """Each step offers its x0 estimate in the layout ComfyUI's previewers take (Flux [1, C, h, w]; Qwen-Image and
+    Wan one frame, [1, C, 1, h, w]); an Euler step's estimate at the last step is the final latent."""
+    pipe, a = tiny_pipes[family], adapter_for(family)
+    cond = a.encode(pipe, prompt=PROMPT, negative_prompt=None, device=CPU)
+    previews = []
+    latents = a.denoise(pipe, cond=cond, request=request(family, steps=3), device=CPU,
+                        on_step=lambda done, total, preview: previews.append(preview()))
+    frame = latents if family == "flux" else (latents.unsqueeze(2) if family == "qwenimage" else latents[:, :, :1])
+    assert [p.shape for p in previews] == [frame.shape] * 3
+    assert (previews[0] - previews[-1]).abs().max() > 1e-3  # a new estimate each step
+    if family != "wan":  # Wan's UniPC keeps the model's x0 prediction, not the final latent
+        assert (previews[-1].cpu() - frame).abs().max() < 1e-5
