@@ -53,3 +53,35 @@ def test_bad_input_exits_2_with_the_fix_and_starts_nothing(tiny_dirs, tmp_path):
     assert done.returncode == 2
     assert "dp (3) × ring (1) × ulysses (2) = 6, but world_size is 4" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_guidance_flags_reach_the_pipeline(tiny_dirs, tiny_pipes, tmp_path):
+    """--true-cfg (Flux true CFG, with a negative prompt) and --guidance-2 (Wan 2.2 A14B's second expert, on the tiny
+    two-expert model made by make-tiny --family wan22) equal the plain pipeline with the same options."""
+    from diffusers import DiffusionPipeline
+
+    from dist_backend.pipelines import adapter_for
+    from dist_backend.pipelines.base import ImageRequest
+
+    made = run_cli("make-tiny", "--family", "wan22", "--out", str(tmp_path / "wan22"))
+    assert made.returncode == 0, made.stderr[-2000:]
+    wan22 = DiffusionPipeline.from_pretrained(tmp_path / "wan22")
+    wan22.set_progress_bar_config(disable=True)
+    cases = [
+        ("flux", tiny_dirs["flux"], tiny_pipes["flux"], ["--guidance", "3.5", "--true-cfg", "2.5"],
+         dict(guidance=3.5, true_cfg_scale=2.5), {}),
+        ("wan", tmp_path / "wan22", wan22, ["--guidance", "2.0", "--guidance-2", "4.0", "--num-frames", "5"],
+         dict(guidance=2.0, guidance_2=4.0), dict(num_frames=5)),
+    ]
+    for family, model, pipe, flags, options, size in cases:
+        out = tmp_path / f"out-{family}"
+        done = run_cli("generate", "--model", str(model), "--prompt", "a river", "--negative-prompt", "blurry",
+                       "--seed", "4", "--steps", "3", "--height", "64", "--width", "64", *flags, "--out", str(out),
+                       "--save-tensors")
+        assert done.returncode == 0, done.stderr[-3000:]
+        latents = torch.load(out / "tensors.pt")["latents"]
+        expected = adapter_for(family).reference(pipe, prompt="a river", negative_prompt="blurry", request=ImageRequest(
+            seed=4, steps=3, height=64, width=64, **options, **size))
+        diff = float((latents - expected).abs().max())
+        print(f"\n[measured] CLI {family} {' '.join(flags)}: max abs diff vs one process = {diff:.3e}")
+        assert diff <= 1e-4
