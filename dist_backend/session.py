@@ -167,7 +167,8 @@ class Session:
         check_guidance(self._model_info, negative_prompt=cond.negative_prompt, true_cfg_scale=true_cfg_scale,
                        guidance_2=guidance_2)
         if on_preview is not None and (type(preview_every) is not int or preview_every < 1):
-            raise ConfigError(f"preview_every must be an integer ≥ 1 (a preview every k steps), got {preview_every!r}")
+            raise ConfigError(f"preview_every must be an integer ≥ 1 (a preview every k steps), "
+                              f"got {preview_every!r}")
         items = image_items(len(cond.prompts), images_per_prompt, seed)
         cfg = self.config
         payloads = []

@@ -22,10 +22,11 @@ class EncodeOnGPUs:
                                       "tooltip": "One prompt per line; empty lines are ignored."}),
             },
             "optional": {
-                "negative_prompt": ("STRING", {"multiline": True, "default": "",
-                                               "tooltip": "Kept verbatim; empty = none. Qwen-Image: needed for CFG (guidance > 1); "
-                                                          "its documented ' ' (one space) counts. Wan: used when "
-                                                          "guidance > 1. Flux: used only with true_cfg > 1."}),
+                "negative_prompt": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "Kept verbatim; empty = none. Qwen-Image: needed for CFG (guidance > 1); its "
+                               "documented ' ' (one space) counts. Wan: used when guidance > 1. Flux: used only "
+                               "with true_cfg > 1."}),
             },
         }
 

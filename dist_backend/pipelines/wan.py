@@ -90,8 +90,8 @@ class WanAdapter(FamilyAdapter):
     def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
         video = pipe(
             prompt=prompt, negative_prompt=negative_prompt, guidance_scale=request.guidance,
-            **self._guidance_2(pipe, request), height=request.height, width=request.width, num_frames=request.num_frames,
-            num_inference_steps=request.steps, generator=cpu_generator(request),
+            **self._guidance_2(pipe, request), height=request.height, width=request.width,
+            num_frames=request.num_frames, num_inference_steps=request.steps, generator=cpu_generator(request),
             max_sequence_length=self.max_sequence_length(pipe), output_type="latent", return_dict=False,
         )[0]
         return video.float().cpu()
