@@ -60,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model_dir=args.model, prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
             images_per_prompt=args.images_per_prompt, num_frames=args.num_frames, latent=init, denoise=args.denoise,
-            loras=args.lora,
+            loras=args.lora, true_cfg_scale=args.true_cfg, guidance_2=args.guidance_2,
         )
     finally:
         session.close()
@@ -117,11 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="run a local diffusers pipeline over N rank processes")
     gen.add_argument("--model", required=True, help="diffusers model folder (model_index.json inside)")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--negative-prompt", default=None,
+                     help="used by Qwen-Image and Wan CFG and by Flux true CFG; kept verbatim (\" \" is one)")
     gen.add_argument("--seed", type=int, default=0, help="image j (prompt-major) uses seed + j")
     gen.add_argument("--images-per-prompt", type=int, default=1)
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance", type=float, default=3.5)
+    gen.add_argument("--guidance", type=float, default=3.5,
+                     help="Flux: embedded guidance; Qwen-Image: true CFG scale; Wan: CFG scale")
+    gen.add_argument("--true-cfg", type=float, default=1.0,
+                     help="Flux only: true CFG scale (> 1 needs --negative-prompt; doubles the transformer calls)")
+    gen.add_argument("--guidance-2", type=float, default=None,
+                     help="Wan 2.2 A14B only: CFG scale of the low-noise expert (default: --guidance)")
     gen.add_argument("--height", type=int, default=1024)
     gen.add_argument("--width", type=int, default=1024)
     gen.add_argument("--num-frames", type=int, default=1, help="frames for a video family (Wan: 4k+1)")
@@ -151,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     tiny = sub.add_parser("make-tiny", help="build a tiny random-weight pipeline offline")
-    tiny.add_argument("--family", required=True, choices=["flux", "qwenimage", "wan"])
+    tiny.add_argument("--family", required=True, choices=["flux", "qwenimage", "wan", "wan22"],
+                      help="wan22: Wan with two experts (transformer_2, boundary_ratio) like Wan 2.2 A14B")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny)

@@ -9,16 +9,22 @@ import select
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import launcher, protocol
 from .channel import ChannelClosed, ProtocolError
 from .config import SessionConfig
 from .errors import REMOTE_TYPES, Cancelled, RankDied, RankError, RankTimeout, SidecarError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+# Gets the leader's preview latent (a small CPU float16 tensor, see FamilyAdapter.denoise) just before the progress
+# call of the same step, so a host can show both together (ComfyUI: ProgressBar.update_absolute(value, total, image)).
+PreviewFn = Callable[["torch.Tensor"], None]
 CancelFn = Callable[[], bool]
 # After one rank fails, how long the others get to reach a step boundary and answer before we call them stuck
 # (capped at heartbeat_timeout_s: peers of a failed rank in a CP group wait in a collective that never completes).
@@ -63,7 +69,7 @@ class Sidecar:
 
     def call(
         self, op: str, payloads: list[dict[str, Any]], *, on_progress: ProgressFn | None = None,
-        should_cancel: CancelFn | None = None, stepped: bool = False,
+        on_preview: PreviewFn | None = None, should_cancel: CancelFn | None = None, stepped: bool = False,
     ) -> list[Any]:
         """Send `op` with payloads[r] to rank r; return every rank's result, in rank order. Large result tensors
         view the rank's shared arena and stay valid only until the next call: copy what you keep.
@@ -86,7 +92,7 @@ class Sidecar:
                     self.broken = True
                     raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
                                    detail=proc.log_tail()) from None
-            return self._collect(op, call_id, on_progress, should_cancel, stepped)
+            return self._collect(op, call_id, on_progress, on_preview, should_cancel, stepped)
         except BaseException:
             # Whatever left a rank mid-call (a rank died, hung, broke the protocol, a stage was cut short, or the host
             # itself was interrupted while waiting) leaves the process group unusable: stop every rank now so
@@ -97,7 +103,7 @@ class Sidecar:
                 self.close()
             raise
 
-    def _collect(self, op, call_id, on_progress, should_cancel, stepped) -> list[Any]:
+    def _collect(self, op, call_id, on_progress, on_preview, should_cancel, stepped) -> list[Any]:
         cfg = self.config
         procs = self._launched.processes
         results: dict[int, Any] = {}
@@ -172,9 +178,14 @@ class Sidecar:
                     continue  # a CP non-leader's step: alive, but its progress is its leader's
                 if message.get("event") == "progress":
                     progress[proc.rank] = (int(message["done"]), int(message["total"]))
-                    if on_progress is not None and hook_error is None:
+                    preview = message.get("preview")
+                    if hook_error is None:
                         try:
-                            on_progress(sum(d for d, _ in progress.values()), sum(t for _, t in progress.values()))
+                            if preview is not None and on_preview is not None:
+                                on_preview(preview)
+                            if on_progress is not None:
+                                on_progress(sum(d for d, _ in progress.values()),
+                                            sum(t for _, t in progress.values()))
                         except BaseException as exc:  # noqa: BLE001 - re-raised once the ranks have stopped
                             hook_error = exc
                 elif message.get("ok"):

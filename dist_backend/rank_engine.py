@@ -151,30 +151,41 @@ class RankEngine:
         denoise = float(message.get("denoise", 1.0))
         steps = steps_run(message["steps"], denoise)  # the steps each item really runs (img2img skips some)
         total = len(items) * steps
+        # Previews every k-th step, from the one rank the host asked (0 = none): see Session.denoise.
+        preview_every = int(message.get("preview_every", 0))
         latents = []
         pipe = self.residency.ensure(self.adapter.denoise_components)
         try:
             self._sync_loras(pipe)  # a transformer reloaded by staged offload gets its adapters again here
-            if self.config.cp_degree > 1:
-                self._set_cp_mode(pipe.transformer, message["cp_lengths"])
+            cp_models = self.adapter.cp_models(pipe) if self.config.cp_degree > 1 else {}
+            for model in cp_models.values():
+                self._set_cp_mode(model, message["cp_lengths"])
             for index, ((key, seed), init) in enumerate(zip(items, inits)):
                 request = ImageRequest(seed=seed, steps=message["steps"], guidance=message["guidance"],
+                                       true_cfg_scale=message.get("true_cfg_scale", 1.0),
+                                       guidance_2=message.get("guidance_2"),
                                        height=message["height"], width=message["width"],
                                        num_frames=message.get("num_frames", 1), denoise=denoise)
                 done_before = index * steps
 
-                def on_step(done: int, _steps: int, _before: int = done_before) -> None:
-                    self._step_boundary(_before + done, total)
+                def on_step(done: int, steps: int, *, preview=None, _before: int = done_before) -> None:
+                    wanted = preview is not None and preview_every > 0 and (done % preview_every == 0 or done == steps)
+                    # float16: the preview is for the eye; half the bytes of the progress message.
+                    self._step_boundary(_before + done, total,
+                                        preview=preview().to("cpu", torch.float16) if wanted else None)
 
                 with torch.inference_mode():
                     latent = self.adapter.denoise(pipe, cond=cond[key], request=request, device=self.device,
                                                   on_step=on_step, init_latents=init)
                 latents.append(latent)
-            mode = cp_mode_of(pipe.transformer) if self.config.cp_degree > 1 else None  # before staged release
+            # What really ran, read before a staged release: every CP model must be in the same mode.
+            modes = {cp_mode_of(model) for model in cp_models.values()}
+            assert len(modes) <= 1, f"CP models in different modes: {modes}"
+            mode = modes.pop() if modes else None
         finally:
             if self.config.offload is Offload.STAGED:
                 self.residency.release(self.adapter.denoise_components)
-        return {"latents": latents if self.is_leader else None, "cp_mode": mode}
+        return {"latents": latents if self.is_leader else None, "cp_mode": mode, "cp_models": sorted(cp_models)}
 
     def op_decode(self, message: dict) -> dict:
         self._require_model()
@@ -236,14 +247,18 @@ class RankEngine:
         enable_context_parallel(transformer, ring=ring, ulysses=ulysses, mesh=self.mesh, seq_lengths=lengths,
                                 attention_backend=self.config.attention_backend or None)
 
-    def _step_boundary(self, done: int, total: int) -> None:
-        """After every denoise step: report progress, and decide together whether to stop."""
+    def _step_boundary(self, done: int, total: int, *, preview: torch.Tensor | None = None) -> None:
+        """After every denoise step: report progress (with a preview latent when one is due), and decide together
+        whether to stop."""
         if self.fault is not None:
             self.fault.at("denoise", done)
         # Every rank says it is alive each step (the host's heartbeat_timeout_s watches each rank, and a CP
         # non-leader would otherwise be silent for the whole denoise); only leaders' messages count as progress.
         event = "progress" if self.is_leader else "heartbeat"
-        self.channel.send(protocol.encode({"id": self._call_id, "event": event, "done": done, "total": total}))
+        message = {"id": self._call_id, "event": event, "done": done, "total": total}
+        if preview is not None and self.is_leader:
+            message["preview"] = preview
+        self.channel.send(protocol.encode(message))
         self._drain_cancel()
         stop = self._cancel_seen
         if self.cp_group is not None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import SessionConfig, check_devices
-from .driver import CancelFn, ProgressFn, Sidecar
+from .driver import CancelFn, PreviewFn, ProgressFn, Sidecar
 from .errors import ConfigError
 from .split import block_bounds, image_items
 
@@ -61,6 +61,7 @@ class Session:
         self.starts = 0
         self.timings = Timings()
         self.last_cp_modes: list[str | None] = []
+        self.last_cp_models: list[list[str]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
@@ -158,8 +159,12 @@ class Session:
 
     def encode(self, prompts: list[str] | tuple[str, ...] | str, negative_prompt: str | None = None, *,
                should_cancel: CancelFn | None = None) -> Conditioning:
-        """Prompts -> embeddings on the host. Prompts are split over all ranks in contiguous blocks."""
+        """Prompts -> embeddings on the host. Prompts are split over all ranks in contiguous blocks.
+
+        `negative_prompt`: None or "" means none; any other string is used verbatim (Qwen-Image's documented " "
+        is a real negative prompt: with it, guidance > 1 runs true CFG)."""
         prompts = _prompt_list(prompts)
+        negative_prompt = _negative(negative_prompt)
         self._require_model()
         world = self.config.world_size
         payloads = []
@@ -177,7 +182,9 @@ class Session:
 
     def denoise(self, cond: Conditioning, *, seed: int, steps: int, guidance: float, height: int | None = None,
                 width: int | None = None, images_per_prompt: int = 1, num_frames: int = 1,
-                latent: torch.Tensor | None = None, denoise: float = 1.0, on_progress: ProgressFn | None = None,
+                latent: torch.Tensor | None = None, denoise: float = 1.0, true_cfg_scale: float = 1.0,
+                guidance_2: float | None = None, on_progress: ProgressFn | None = None,
+                on_preview: PreviewFn | None = None, preview_every: int = 1,
                 should_cancel: CancelFn | None = None) -> torch.Tensor:
         """Embeddings -> ComfyUI LATENT samples (raw VAE space, the family's ComfyUI layout: Flux [B, C, h, w],
         Qwen-Image [B, C, 1, h, w], Wan [B, C, F', h, w]), B = prompts × images_per_prompt, prompt-major; image j
@@ -186,7 +193,16 @@ class Session:
         `latent` (ComfyUI convention, e.g. an empty latent or a VAE Encode result) sets height, width and frames
         (it wins over the arguments). With `denoise` < 1 it is image-to-image from those latents, equal to the
         family's diffusers img2img pipeline with strength=denoise; a 1-image latent is used for every image, or
-        give one per image (see `latent_format.pair_with_images`). At denoise 1.0 its content is not used."""
+        give one per image (see `latent_format.pair_with_images`). At denoise 1.0 its content is not used.
+
+        Guidance: `guidance` is the family's knob (Flux: embedded guidance; Qwen-Image: true CFG scale; Wan: CFG
+        scale); `true_cfg_scale` is Flux's true CFG scale (> 1 needs a negative prompt; other families refuse a
+        value other than 1); `guidance_2` is Wan 2.2 A14B's low-noise expert CFG scale (None = `guidance`).
+
+        Previews: with `on_preview`, the leader of the first data-parallel group (rank 0, which has the most
+        images) sends the x0 estimate of its current image every `preview_every` steps and at the last step of each
+        image, as a CPU float16 tensor in the family's preview layout (FamilyAdapter.denoise); `on_preview` gets it
+        just before the `on_progress` call of that step. Without `on_preview` no rank computes or sends one."""
         from .latent_format import latent_format, pair_with_images
 
         self._require_model()
@@ -200,6 +216,11 @@ class Session:
         cp_lengths = self._check_denoise(cond, steps=steps, height=height, width=width,
                                          images_per_prompt=images_per_prompt, num_frames=num_frames, seed=seed,
                                          denoise=denoise)
+        check_guidance(self._model_info, negative_prompt=cond.negative_prompt, true_cfg_scale=true_cfg_scale,
+                       guidance_2=guidance_2)
+        if on_preview is not None and (type(preview_every) is not int or preview_every < 1):
+            raise ConfigError(f"preview_every must be an integer ≥ 1 (a preview every k steps), "
+                              f"got {preview_every!r}")
         inits = None
         if latent is not None:
             paired = pair_with_images(latent, prompts=len(cond.prompts), images_per_prompt=images_per_prompt)
@@ -219,15 +240,17 @@ class Session:
             payloads.append({
                 "items": [[str(p), s] for p, s in mine],
                 "cond": {str(p): cond.embeds[p] for p in keys},
-                "steps": steps, "guidance": float(guidance), "height": height, "width": width,
+                "steps": steps, "guidance": float(guidance), "true_cfg_scale": float(true_cfg_scale),
+                "guidance_2": None if guidance_2 is None else float(guidance_2), "height": height, "width": width,
                 "num_frames": num_frames, "cp_lengths": cp_lengths, "denoise": float(denoise),
                 # Every rank of a CP group gets the same init latents, as it gets the same seeds.
                 "init_latents": inits[start:stop] if inits is not None else None,
+                "preview_every": preview_every if on_preview is not None and rank == 0 else 0,
             })
         with self._lock:
             t0 = time.monotonic()
             try:
-                results = self.sidecar.call("denoise", payloads, on_progress=on_progress,
+                results = self.sidecar.call("denoise", payloads, on_progress=on_progress, on_preview=on_preview,
                                             should_cancel=should_cancel, stepped=True)
             except BaseException:
                 if self._loras:
@@ -235,6 +258,7 @@ class Session:
                 raise
             self.timings.add("denoise", time.monotonic() - t0)
         self.last_cp_modes = [r["cp_mode"] for r in results]  # what each rank really ran (tests check it)
+        self.last_cp_models = [r["cp_models"] for r in results]  # which components ran under CP, per rank
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
         return fmt.process_out(torch.cat(latents, dim=0))  # the one crossing to ComfyUI's raw space
 
@@ -261,6 +285,7 @@ class Session:
                  steps: int, guidance: float, height: int | None = None, width: int | None = None,
                  images_per_prompt: int = 1, num_frames: int = 1, latent: torch.Tensor | None = None,
                  denoise: float = 1.0, loras: Sequence[tuple[str | Path, float]] = (),
+                 true_cfg_scale: float = 1.0, guidance_2: float | None = None,
                  on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All four stages, with `loras` ((file, strength) pairs) applied. Returns (latents, images); `latent` and
@@ -280,13 +305,16 @@ class Session:
             pair_with_images(latent, prompts=len(prompts), images_per_prompt=images_per_prompt)
         check_request(info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
                       num_frames=num_frames, seed=seed, denoise=denoise)
+        check_guidance(info, negative_prompt=_negative(negative_prompt), true_cfg_scale=true_cfg_scale,
+                       guidance_2=guidance_2)
         lora_specs(loras)
         self.load(model_dir, should_cancel=should_cancel)
         self.set_loras(loras, should_cancel=should_cancel)
         cond = self.encode(prompts, negative_prompt, should_cancel=should_cancel)
         latents = self.denoise(cond, seed=seed, steps=steps, guidance=guidance, height=height, width=width,
                                images_per_prompt=images_per_prompt, num_frames=num_frames, latent=latent,
-                               denoise=denoise, on_progress=on_progress, should_cancel=should_cancel)
+                               denoise=denoise, true_cfg_scale=true_cfg_scale, guidance_2=guidance_2,
+                               on_progress=on_progress, should_cancel=should_cancel)
         images = self.decode(latents, should_cancel=should_cancel)
         return latents, images
 
@@ -330,6 +358,33 @@ def _prompt_list(prompts: list[str] | tuple[str, ...] | str) -> list[str]:
     if not all(isinstance(p, str) for p in prompts):
         raise ConfigError("every prompt must be a string")
     return prompts
+
+
+def _negative(negative_prompt: str | None) -> str | None:
+    """"" means no negative prompt; any other string (whitespace included) is one, kept verbatim."""
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise ConfigError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
+    return negative_prompt or None
+
+
+def check_guidance(info: dict[str, Any], *, negative_prompt: str | None, true_cfg_scale, guidance_2) -> None:
+    """The guidance options against the model (`pipelines.read_model_config`) and the negative prompt; needs no rank.
+    Options a family would silently ignore are refused, so a setting never looks applied when it is not."""
+    family = str(info["family"])
+    for name, value in (("true_cfg_scale", true_cfg_scale), ("guidance_2", guidance_2)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"{name} must be a number ≥ 0, got {value!r}")
+    if true_cfg_scale != 1.0:
+        if family != "flux":
+            raise ConfigError(f"true_cfg_scale {true_cfg_scale} is Flux's true CFG scale; {family} takes its CFG "
+                              "scale from guidance: set guidance instead and leave true_cfg_scale at 1")
+        if true_cfg_scale > 1.0 and negative_prompt is None:
+            raise ConfigError(f"true_cfg_scale {true_cfg_scale} needs a negative prompt (Flux's true CFG steers away "
+                              "from it): give one when encoding, or set true_cfg_scale to 1 (off)")
+    if guidance_2 is not None and info["model_index"].get("boundary_ratio") is None:
+        raise ConfigError(f"guidance_2 {guidance_2} is the low-noise expert's CFG scale of a two-expert model (Wan 2.2 "
+                          f"A14B, boundary_ratio in model_index.json); {info['model_dir']} has no second expert: "
+                          "leave guidance_2 unset")
 
 
 def check_request(info: dict[str, Any], *, steps, height, width, images_per_prompt, num_frames, seed,

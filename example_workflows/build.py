@@ -27,7 +27,7 @@ WIDGETS = {
                     "device_map", "max_memory", "attention_backend", "model_path"],
     "EncodeOnGPUs": ["prompt", "negative_prompt"],
     "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames",
-                        "denoise"],
+                        "denoise", "true_cfg", "guidance_2"],
     "DecodeVAE": [],
     "SaveImage": ["filename_prefix"],
     "LoadImage": ["image"],
@@ -78,7 +78,7 @@ BASE_LOAD = dict(model=TINY_MODEL, ranks=2, dp=0, ring=1, ulysses=1, device="cpu
                  offload="resident", gpus_per_rank=1, device_map="none", max_memory="", attention_backend="",
                  model_path="")
 BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1,
-                    denoise=1.0)
+                    denoise=1.0, true_cfg=1.0, guidance_2=-1.0)
 
 # The strategies: our four nodes only, run on every host.
 EXAMPLES = {

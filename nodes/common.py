@@ -84,18 +84,6 @@ def resolve_lora(name: str) -> str:
     return path
 
 
-def comfy_progress(total_hint: int):
-    """A callable (done, total) that moves ComfyUI's progress bar of the running node."""
-    import comfy.utils
-
-    bar = comfy.utils.ProgressBar(max(1, total_hint))
-
-    def update(done: int, total: int) -> None:
-        bar.update_absolute(done, total)
-
-    return update
-
-
 def comfy_should_cancel():
     import comfy.model_management
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Called by the adapter after every denoise step with (steps_done, total_steps). It may raise
-# dist_backend.errors.Cancelled to abort the denoise loop.
-StepCallback = Callable[[int, int], None]
+# Called by the adapter after every denoise step as on_step(steps_done, total_steps, preview=fn): `fn()` returns the
+# step's preview latent (see `FamilyAdapter.denoise`), computed only when called, so a step nobody previews costs
+# nothing. It may raise dist_backend.errors.Cancelled to abort the denoise loop.
+PreviewThunk = Callable[[], torch.Tensor]
+StepCallback = Callable[..., None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +31,12 @@ class ImageRequest:
     """Number of denoise steps."""
     guidance: float
     """The family's guidance knob (Flux: embedded guidance_scale; Qwen-Image: true_cfg_scale; Wan: guidance_scale)."""
+    true_cfg_scale: float = 1.0
+    """Flux only: its true CFG scale (> 1 with a negative prompt runs the transformer twice per step). 1.0 = off.
+    Qwen-Image and Wan take their CFG scale from `guidance`."""
+    guidance_2: float | None = None
+    """Wan 2.2 A14B only (two experts, `boundary_ratio`): guidance_scale_2, the CFG scale of the low-noise expert
+    (transformer_2). None = the same as `guidance` (diffusers' default)."""
     height: int
     """Output height in pixels."""
     width: int
@@ -64,7 +72,13 @@ class FamilyAdapter(abc.ABC):
         """Denoise one image from `request.seed`; return diffusers' NORMALISED latent, unpacked, as a CPU float32
         tensor in the family's layout (`latent_format.LatentFormat`: Flux [1, C, h, w], Qwen-Image [1, C, 1, h, w],
         Wan [1, C, F', h, w]). With request.denoise < 1, `init_latents` (normalised, same layout, batch 1) is the
-        image to start from (img2img). Must equal `reference` for the same inputs."""
+        image to start from (img2img). Must equal `reference` for the same inputs.
+
+        `on_step(done, total, preview=fn)` after each step; `fn()` gives the step's estimate of the final latent
+        (x0) in the space the model denoises in (diffusers' normalised latents, which is ComfyUI's `process_in`
+        space), in the layout ComfyUI's previewers take for the family: Flux [1, C, h, w]; Qwen-Image and Wan
+        [1, C, 1, h, w] (the first latent frame: previewers show only that one). `preview` is None for a step whose
+        estimate cannot be formed (img2img's first step: the pipeline noises the image latent internally)."""
 
     @abc.abstractmethod
     def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -93,6 +107,11 @@ class FamilyAdapter(abc.ABC):
 
     def check_denoise(self, denoise: float) -> None:
         """Raise ConfigError when this family cannot start from a latent at `denoise` < 1 (img2img)."""
+    def cp_models(self, pipe) -> dict[str, torch.nn.Module]:
+        """The loaded models that run under context parallel, by component name: every denoise component the
+        pipeline has (one transformer; Wan 2.2 A14B's two experts)."""
+        return {name: model for name in self.denoise_components
+                if (model := getattr(pipe, name, None)) is not None}
 
     def uses_attention_mask(self, cond: dict[str, torch.Tensor]) -> bool:
         """True when the transformer will get a padding mask for these embeddings (Ring would be silently wrong)."""

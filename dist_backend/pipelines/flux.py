@@ -1,14 +1,14 @@
 """FLUX.1 (FluxPipeline): CLIP + T5 text encoders, a packed-latent MMDiT, a 16-channel AutoencoderKL.
 
 Guidance mapping: `ImageRequest.guidance` -> `guidance_scale`, the embedded (distilled) guidance fed to the
-transformer; it is ignored by models without guidance embeddings (schnell). True CFG (`true_cfg_scale`) is a
-separate adapter setting, default 1.0 = off, because FLUX.1 is guidance-distilled and a negative prompt would
-double the cost for no benefit. With `FluxAdapter(true_cfg_scale=s)` (s > 1) and a negative prompt, `encode`
-also returns the negative embeddings and the pipeline runs true CFG exactly as diffusers does.
+transformer; it is ignored by models without guidance embeddings (schnell). True CFG is the separate per-request
+`ImageRequest.true_cfg_scale` -> `true_cfg_scale`, default 1.0 = off, because FLUX.1 is guidance-distilled and a
+negative prompt would double the cost for no benefit. With a scale > 1 and a negative prompt the pipeline runs
+true CFG exactly as diffusers does.
 
 Conditioning keys: "prompt_embeds" [1, T, 4096], "pooled_prompt_embeds" [1, 768], plus
-"negative_prompt_embeds" and "negative_pooled_prompt_embeds" exactly when true CFG is on and a negative
-prompt was given (the only case in which the pipeline would use them).
+"negative_prompt_embeds" and "negative_pooled_prompt_embeds" whenever a negative prompt was given: whether true
+CFG uses them depends on the per-request scale, which `encode` does not know.
 
 Latents: the pipeline works on 2x2-packed tokens [1, h/2*w/2, 4C]; we hand out the unpacked [1, C, h, w]
 (normalised; the Session turns it into ComfyUI's raw LATENT with `latent_format`). img2img (denoise < 1) runs
@@ -38,9 +38,6 @@ class FluxAdapter(PackedImageAdapter):
     denoise_components = ("transformer",)
     decode_components = ("vae",)
 
-    def __init__(self, *, true_cfg_scale: float = 1.0) -> None:
-        self.true_cfg_scale = float(true_cfg_scale)
-
     # -- text ---------------------------------------------------------------------------------------------
     def max_sequence_length(self, pipe) -> int:
         """T5 length the text is padded to (512 for the real models; 32 for the tiny test pipeline)."""
@@ -52,14 +49,11 @@ class FluxAdapter(PackedImageAdapter):
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
                                                num_images_per_prompt=1, max_sequence_length=length)
         cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if self._true_cfg(negative_prompt):
+        if negative_prompt is not None:
             neg, neg_pooled, _ = pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=device,
                                                     num_images_per_prompt=1, max_sequence_length=length)
             cond.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
         return to_cpu(cond)
-
-    def _true_cfg(self, negative_prompt: str | None) -> bool:
-        return self.true_cfg_scale > 1.0 and negative_prompt is not None
 
     # -- denoise ------------------------------------------------------------------------------------------
     def initial_noise(self, pipe, *, request: ImageRequest, dtype: torch.dtype) -> torch.Tensor:
@@ -82,25 +76,29 @@ class FluxAdapter(PackedImageAdapter):
             prompt_embeds=c["prompt_embeds"], pooled_prompt_embeds=c["pooled_prompt_embeds"],
             negative_prompt_embeds=c.get("negative_prompt_embeds"),
             negative_pooled_prompt_embeds=c.get("negative_pooled_prompt_embeds"),
-            true_cfg_scale=self.true_cfg_scale, guidance_scale=request.guidance,
+            true_cfg_scale=request.true_cfg_scale, guidance_scale=request.guidance,
             height=request.height, width=request.width, num_inference_steps=request.steps,
             output_type="latent", return_dict=False,
-            callback_on_step_end=step_callback(on_step, steps_run(request.steps, request.denoise)),
         )
+        steps = steps_run(request.steps, request.denoise)
+        to_preview = lambda x: self._unpack(pipe, x, request)  # noqa: E731
         if request.denoise < 1.0:
             # img2img draws its noise inside the pipeline from the CPU generator: the same numbers on every rank
             # (randn_tensor draws on the generator's device, then moves), as the plain img2img call draws them.
             packed = self._img2img(pipe)(image=init_latents.to(device, dtype), strength=request.denoise,
-                                         generator=cpu_generator(request), **common)[0]
+                                         generator=cpu_generator(request),
+                                         callback_on_step_end=step_callback(on_step, steps, start=None,
+                                                                            to_preview=to_preview), **common)[0]
         else:
             latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
-            packed = pipe(latents=latents, **common)[0]
+            packed = pipe(latents=latents, callback_on_step_end=step_callback(on_step, steps, start=latents,
+                                                                              to_preview=to_preview), **common)[0]
         return self._unpack(pipe, packed, request)
 
     def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,
                   init_latents: torch.Tensor | None = None) -> torch.Tensor:
         common = dict(
-            prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=self.true_cfg_scale,
+            prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=request.true_cfg_scale,
             guidance_scale=request.guidance, height=request.height, width=request.width,
             num_inference_steps=request.steps, generator=cpu_generator(request),
             max_sequence_length=self.max_sequence_length(pipe), output_type="latent", return_dict=False,

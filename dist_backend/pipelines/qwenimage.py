@@ -80,15 +80,23 @@ class QwenImageAdapter(PackedImageAdapter):
             negative_prompt_embeds_mask=c.get("negative_prompt_embeds_mask"),
             true_cfg_scale=request.guidance, height=request.height, width=request.width,
             num_inference_steps=request.steps, output_type="latent", return_dict=False,
-            callback_on_step_end=step_callback(on_step, steps_run(request.steps, request.denoise)),
         )
+        steps = steps_run(request.steps, request.denoise)
+
+        def to_preview(x: torch.Tensor) -> torch.Tensor:
+            # ComfyUI treats Qwen-Image latents as one-frame video ([B, C, 1, h, w], the Wan 2.1 format).
+            return pipe._unpack_latents(x, request.height, request.width, pipe.vae_scale_factor)
+
         if request.denoise < 1.0:
             # As in flux.py: the pipeline draws the noise from the CPU generator, the same on every rank.
             packed = self._img2img(pipe)(image=self._image_arg(init_latents).to(device, dtype),
-                                         strength=request.denoise, generator=cpu_generator(request), **common)[0]
+                                         strength=request.denoise, generator=cpu_generator(request),
+                                         callback_on_step_end=step_callback(on_step, steps, start=None,
+                                                                            to_preview=to_preview), **common)[0]
         else:
             latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
-            packed = pipe(latents=latents, **common)[0]
+            packed = pipe(latents=latents, callback_on_step_end=step_callback(on_step, steps, start=latents,
+                                                                              to_preview=to_preview), **common)[0]
         return self._unpack(pipe, packed, request)
 
     def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,

@@ -24,6 +24,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("flux", "qwenimage", "wan")
+VARIANTS = ("wan22",)  # more layouts of a family: "wan22" is Wan with two experts (Wan 2.2 A14B)
 
 # Bump when a build changes, so caches made by an older version are not reused.
 TINY_VERSION = 1
@@ -212,12 +213,29 @@ def _build_flux_real_vae():
     return pipe
 
 
+# Wan 2.2 A14B T2V's switch: transformer for timesteps >= 0.875 × 1000, transformer_2 below. With the tiny
+# scheduler, 3 steps run at timesteps 999 | 857, 600: both experts are used.
+WAN22_BOUNDARY_RATIO = 0.875
+
+
+def _build_wan22():
+    """Wan 2.2 A14B's layout: two experts of the same shape with their own weights, and `boundary_ratio`."""
+    from diffusers import WanPipeline
+
+    base = _build_wan()
+    transformer_2 = type(base.transformer).from_config(base.transformer.config)  # drawn after: other weights
+    return WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer, transformer_2=transformer_2,
+                       boundary_ratio=WAN22_BOUNDARY_RATIO)
+
+
 _BUILDERS = {"flux": _build_flux, "qwenimage": _build_qwenimage, "wan": _build_wan,
-             "flux-realvae": _build_flux_real_vae}
+             "flux-realvae": _build_flux_real_vae, "wan22": _build_wan22}
 
 
 def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Build the tiny pipeline of `family` with weights drawn from `seed` and save it (safetensors) in `out_dir`."""
+    """Build the tiny pipeline of `family` (or of a variant in VARIANTS) with weights drawn from `seed` and save it
+    (safetensors) in `out_dir`."""
     import torch
 
     family = str(getattr(family, "value", family))

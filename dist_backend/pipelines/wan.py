@@ -1,8 +1,13 @@
 """Wan 2.x text-to-video (WanPipeline): a UMT5 text encoder, a 3D-patch DiT, a causal-3D VAE.
 
 Guidance mapping: `ImageRequest.guidance` -> `guidance_scale`, classic CFG: when > 1 every step runs the
-transformer twice, once with the negative prompt ("" when none is given, as diffusers does). For Wan 2.2 A14B
-(two transformers, `boundary_ratio`) the low-noise stage uses the same scale (diffusers' guidance_scale_2 default).
+transformer twice, once with the negative prompt ("" when none is given, as diffusers does).
+
+Wan 2.2 A14B has two experts: `transformer` denoises the high-noise steps (timestep >= boundary_ratio × 1000) and
+`transformer_2` the rest, the switch made by WanPipeline itself from model_index.json's `boundary_ratio`. Both are
+denoise components (loaded, staged and put under context parallel together); `ImageRequest.guidance_2` ->
+`guidance_scale_2`, the low-noise expert's CFG scale (None: the same as `guidance`, diffusers' default). Wan 2.1
+folders list `transformer_2` as null, so it is simply absent there.
 
 Conditioning keys: always "prompt_embeds" and "negative_prompt_embeds" [1, L, D], padded to L (512 for the
 real models). The negative is always encoded because `encode` does not know the guidance; it costs one extra
@@ -38,10 +43,9 @@ class WanAdapter(FamilyAdapter):
     pipeline_class_names = PIPELINE_CLASSES[Family.WAN]
     is_video = True
     text_components = ("text_encoder",)
-    # Only weight-bearing components are listed (tokenizers and the scheduler are always loaded). Wan 2.2 A14B's
-    # transformer_2 is not listed: Wan 2.1 folders have it as null, and a stager that does
-    # getattr(pipe, name).to(device) would meet None; unlisted, it is loaded with every stage (correct, not lean).
-    denoise_components = ("transformer",)
+    # Only weight-bearing components are listed (tokenizers and the scheduler are always loaded). The engine keeps
+    # only those the folder has (read_model_config's "models"): Wan 2.1 lists transformer_2 as null.
+    denoise_components = ("transformer", "transformer_2")
     decode_components = ("vae",)
 
     # -- text ---------------------------------------------------------------------------------------------
@@ -77,9 +81,11 @@ class WanAdapter(FamilyAdapter):
         video = pipe(
             prompt_embeds=cond["prompt_embeds"].to(device),
             negative_prompt_embeds=cond["negative_prompt_embeds"].to(device),
-            guidance_scale=request.guidance, height=request.height, width=request.width,
-            num_frames=request.num_frames, num_inference_steps=request.steps, latents=latents,
-            output_type="latent", return_dict=False, callback_on_step_end=step_callback(on_step, request.steps),
+            guidance_scale=request.guidance, **self._guidance_2(pipe, request), height=request.height,
+            width=request.width, num_frames=request.num_frames, num_inference_steps=request.steps, latents=latents,
+            output_type="latent", return_dict=False,
+            callback_on_step_end=step_callback(on_step, request.steps, start=latents,
+                                               to_preview=lambda x: x[:, :, :1]),  # previewers show frame 0 only
         )[0]
         return video.float().cpu()
 
@@ -88,11 +94,19 @@ class WanAdapter(FamilyAdapter):
         self.check_denoise(request.denoise)
         video = pipe(
             prompt=prompt, negative_prompt=negative_prompt, guidance_scale=request.guidance,
-            height=request.height, width=request.width, num_frames=request.num_frames,
-            num_inference_steps=request.steps, generator=cpu_generator(request),
+            **self._guidance_2(pipe, request), height=request.height, width=request.width,
+            num_frames=request.num_frames, num_inference_steps=request.steps, generator=cpu_generator(request),
             max_sequence_length=self.max_sequence_length(pipe), output_type="latent", return_dict=False,
         )[0]
         return video.float().cpu()
+
+    @staticmethod
+    def _guidance_2(pipe, request: ImageRequest) -> dict:
+        """guidance_scale_2 for a two-expert pipeline; nothing otherwise (WanPipeline refuses it without a boundary,
+        and Session refuses guidance_2 for such a model before any rank starts)."""
+        if pipe.config.boundary_ratio is None:
+            return {}
+        return {"guidance_scale_2": request.guidance_2}
 
     # -- decode -------------------------------------------------------------------------------------------
     @torch.no_grad()

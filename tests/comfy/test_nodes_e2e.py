@@ -125,7 +125,7 @@ def test_nodes_are_registered_with_tooltips_and_descriptions(server):
 
 
 @pytest.mark.parametrize("api_file", API_FILES, ids=[p.name.split(".")[0] for p in API_FILES])
-def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, loras_root, tmp_path):
+def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, loras_root, tmp_path_factory):
     prompt = load(api_file.name)
     prompt_id, events = server.run(prompt, timeout=240)
     kinds = [e["type"] for e in events]
@@ -134,13 +134,27 @@ def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, loras_roo
     progress = [e["data"] for e in events if e["type"] == "progress" and e["data"].get("node") == denoise]
     steps = prompt[denoise]["inputs"]["steps"]
     assert progress and progress[-1]["value"] == progress[-1]["max"], "ParallelDenoise sent no per-step progress"
-    assert len(progress) >= steps  # one message per step at least
+    if server.modern:  # ComfyUI 0.33 drops updates < 0.1 s apart (comfy/utils.py ProgressBar), except first and last
+        assert len(progress) >= 2 and progress[0]["value"] < progress[-1]["value"]
+    else:
+        assert len(progress) >= steps  # one message per step at least
     got = output_pixels(server, prompt_id)
-    want = cli_pixels(prompt, tiny_dirs["flux"], tmp_path / "cli", loras_root)
+    want = cli_reference(prompt, tiny_dirs["flux"], tmp_path_factory, api_file.name, loras_root)
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         assert g.shape == w.shape == (64, 64, 3)
         assert np.array_equal(g, w), f"{api_file.name}: ComfyUI PNG differs from the CLI PNG"
+
+
+_CLI_PIXELS: dict[str, list[np.ndarray]] = {}
+
+
+def cli_reference(prompt: dict, model_dir: Path, tmp_path_factory, name: str, loras_root: Path) -> list[np.ndarray]:
+    """The CLI's pixels for an example workflow, computed once per test session: every ComfyUI host is compared
+    against the same CLI run (the CLI does not depend on the host, and each run costs a sidecar start)."""
+    if name not in _CLI_PIXELS:
+        _CLI_PIXELS[name] = cli_pixels(prompt, model_dir, tmp_path_factory.mktemp("cli"), loras_root)
+    return _CLI_PIXELS[name]
 
 
 def _ranks_of(server) -> set[int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tests.dist.engine_cases import reference
+from tests.dist.engine_cases import format_of, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,3 +96,36 @@ def test_generate_auto_chooses_a_valid_plan_and_equals_one_process(tiny_dirs, ti
     diff = float((latents - reference(tiny_pipes, "flux", ["a cat"], seed=5)).abs().max())
     print(f"\n[measured] CLI --auto (ulysses2), tiny flux: max abs diff vs one process = {diff:.3e}")
     assert diff <= 1e-4
+
+
+def test_guidance_flags_reach_the_pipeline(tiny_dirs, tiny_pipes, tmp_path):
+    """--true-cfg (Flux true CFG, with a negative prompt) and --guidance-2 (Wan 2.2 A14B's second expert, on the tiny
+    two-expert model made by make-tiny --family wan22) equal the plain pipeline with the same options."""
+    from diffusers import DiffusionPipeline
+
+    from dist_backend.pipelines import adapter_for
+    from dist_backend.pipelines.base import ImageRequest
+
+    made = run_cli("make-tiny", "--family", "wan22", "--out", str(tmp_path / "wan22"))
+    assert made.returncode == 0, made.stderr[-2000:]
+    wan22 = DiffusionPipeline.from_pretrained(tmp_path / "wan22")
+    wan22.set_progress_bar_config(disable=True)
+    cases = [
+        ("flux", tiny_dirs["flux"], tiny_pipes["flux"], ["--guidance", "3.5", "--true-cfg", "2.5"],
+         dict(guidance=3.5, true_cfg_scale=2.5), {}),
+        ("wan", tmp_path / "wan22", wan22, ["--guidance", "2.0", "--guidance-2", "4.0", "--num-frames", "5"],
+         dict(guidance=2.0, guidance_2=4.0), dict(num_frames=5)),
+    ]
+    for family, model, pipe, flags, options, size in cases:
+        out = tmp_path / f"out-{family}"
+        done = run_cli("generate", "--model", str(model), "--prompt", "a river", "--negative-prompt", "blurry",
+                       "--seed", "4", "--steps", "3", "--height", "64", "--width", "64", *flags, "--out", str(out),
+                       "--save-tensors")
+        assert done.returncode == 0, done.stderr[-3000:]
+        latents = torch.load(out / "tensors.pt")["latents"]
+        expected = format_of({family: pipe}, family).process_out(adapter_for(family).reference(
+            pipe, prompt="a river", negative_prompt="blurry",
+            request=ImageRequest(seed=4, steps=3, height=64, width=64, **options, **size)))
+        diff = float((latents - expected).abs().max())
+        print(f"\n[measured] CLI {family} {' '.join(flags)}: max abs diff vs one process = {diff:.3e}")
+        assert diff <= 1e-4

@@ -10,7 +10,6 @@ from dist_backend.errors import Cancelled, ConfigError
 from dist_backend.latent_format import latent_format
 from dist_backend.pipelines import Family, adapter_for, load_pipeline, read_model_config
 from dist_backend.pipelines.base import ImageRequest
-from dist_backend.pipelines.flux import FluxAdapter
 
 CPU = torch.device("cpu")
 PROMPT = "a photo of a cat"
@@ -20,13 +19,10 @@ GUIDANCE = {"flux": 3.5, "qwenimage": 4.0, "wan": 5.0}
 FRAMES = {"flux": 1, "qwenimage": 1, "wan": 5}
 
 
-def request(family: str, *, seed: int = 7, guidance: float | None = None, steps: int = 2) -> ImageRequest:
+def request(family: str, *, seed: int = 7, guidance: float | None = None, steps: int = 2,
+            true_cfg_scale: float = 1.0) -> ImageRequest:
     return ImageRequest(seed=seed, steps=steps, guidance=GUIDANCE[family] if guidance is None else guidance,
-                        height=64, width=64, num_frames=FRAMES[family])
-
-
-def adapter(family: str, *, true_cfg: bool = False):
-    return FluxAdapter(true_cfg_scale=2.0) if true_cfg else adapter_for(family)
+                        height=64, width=64, num_frames=FRAMES[family], true_cfg_scale=true_cfg_scale)
 
 
 CASES = [
@@ -38,12 +34,12 @@ CASES = [
 
 @pytest.mark.parametrize("family, negative, true_cfg", CASES)
 def test_denoise_of_encode_equals_reference(tiny_pipes, family, negative, true_cfg):
-    pipe, a = tiny_pipes[family], adapter(family, true_cfg=true_cfg)
-    req = request(family)
+    pipe, a = tiny_pipes[family], adapter_for(family)
+    req = request(family, true_cfg_scale=2.0 if true_cfg else 1.0)
     cond = a.encode(pipe, prompt=PROMPT, negative_prompt=negative, device=CPU)
     assert all(v.device.type == "cpu" and v.shape[0] == 1 for v in cond.values())
     steps = []
-    latents = a.denoise(pipe, cond=cond, request=req, device=CPU, on_step=lambda i, n: steps.append((i, n)))
+    latents = a.denoise(pipe, cond=cond, request=req, device=CPU, on_step=lambda i, n, preview: steps.append((i, n)))
     ref = a.reference(pipe, prompt=PROMPT, negative_prompt=negative, request=req)
     diff = (latents - ref).abs().max().item()
     print(f"{family} negative={negative!r} true_cfg={true_cfg}: denoise vs reference max abs diff {diff:.3g}")
@@ -53,7 +49,8 @@ def test_denoise_of_encode_equals_reference(tiny_pipes, family, negative, true_c
     assert diff <= TOL
     assert steps == [(1, 2), (2, 2)]
     # The seed matters (so the equality above is not trivially true).
-    other = a.denoise(pipe, cond=cond, request=request(family, seed=8), device=CPU)
+    other = a.denoise(pipe, cond=cond, request=request(family, seed=8, true_cfg_scale=req.true_cfg_scale),
+                      device=CPU)
     assert (other - latents).abs().max() > 1e-3
 
 
@@ -94,7 +91,7 @@ def test_cancel_from_on_step_propagates(tiny_pipes):
     cond = a.encode(pipe, prompt=PROMPT, negative_prompt=None, device=CPU)
     seen = []
 
-    def on_step(done, total):
+    def on_step(done, total, preview):
         seen.append(done)
         raise Cancelled(f"stop after {done}")
 
@@ -131,7 +128,7 @@ def test_img2img_on_the_staged_pipeline_equals_diffusers_img2img(tiny_dirs, tiny
     req = ImageRequest(seed=5, steps=3, guidance=GUIDANCE[family], height=64, width=64, denoise=0.6)
     steps = []
     got = a.denoise(staged, cond=cond, request=req, device=CPU, init_latents=init,
-                    on_step=lambda i, n: steps.append((i, n)))
+                    on_step=lambda i, n, preview=None: steps.append((i, n)))
     assert steps == [(1, 2), (2, 2)]  # strength 0.6 of 3 steps: diffusers skips int(3 - 1.8) = 1 step
     cls = FluxImg2ImgPipeline if family == "flux" else QwenImageImg2ImgPipeline
     extra = {"guidance_scale": req.guidance} if family == "flux" else {"true_cfg_scale": req.guidance}
@@ -224,3 +221,19 @@ def test_adapters_declare_family(tiny_dirs):
         assert a.name == family.value
         assert read_model_config(tiny_dirs[family.value])["class_name"] in a.pipeline_class_names
     assert adapter_for("wan").is_video and not adapter_for("flux").is_video
+
+
+@pytest.mark.parametrize("family", ["flux", "qwenimage", "wan"])
+def test_step_previews_are_x0_estimates_in_comfyui_layout(tiny_pipes, family):
+    """Each step offers its x0 estimate in the layout ComfyUI's previewers take (Flux [1, C, h, w]; Qwen-Image and
+    Wan one frame, [1, C, 1, h, w]); an Euler step's estimate at the last step is the final latent."""
+    pipe, a = tiny_pipes[family], adapter_for(family)
+    cond = a.encode(pipe, prompt=PROMPT, negative_prompt=None, device=CPU)
+    previews = []
+    latents = a.denoise(pipe, cond=cond, request=request(family, steps=3), device=CPU,
+                        on_step=lambda done, total, preview: previews.append(preview()))
+    frame = latents if family != "wan" else latents[:, :, :1]  # Qwen-Image is [1, C, 1, h, w] already
+    assert [p.shape for p in previews] == [frame.shape] * 3
+    assert (previews[0] - previews[-1]).abs().max() > 1e-3  # a new estimate each step
+    if family != "wan":  # Wan's UniPC keeps the model's x0 prediction, not the final latent
+        assert (previews[-1].cpu() - frame).abs().max() < 1e-5
