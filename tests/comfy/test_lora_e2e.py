@@ -52,6 +52,7 @@ def diffusers_pixels(model_dir, prompt: dict, loras: dict) -> np.ndarray:
     import torch
     from diffusers import DiffusionPipeline
 
+    from dist_backend.latent_format import latent_format
     from dist_backend.pipelines import adapter_for
     from dist_backend.pipelines.base import ImageRequest
 
@@ -68,7 +69,9 @@ def diffusers_pixels(model_dir, prompt: dict, loras: dict) -> np.ndarray:
     adapter = adapter_for("flux")
     request = ImageRequest(seed=den["seed"], steps=den["steps"], guidance=den["guidance"], height=den["height"],
                            width=den["width"])
-    latents = adapter.reference(pipe, prompt=nodes["EncodeOnGPUs"]["prompt"], negative_prompt=None, request=request)
+    normalised = adapter.reference(pipe, prompt=nodes["EncodeOnGPUs"]["prompt"], negative_prompt=None,
+                                   request=request)
+    latents = latent_format({"family": "flux", "components": {"vae": dict(pipe.vae.config)}}).process_out(normalised)
     with torch.inference_mode():
         image = adapter.decode(pipe, latents=latents, device=torch.device("cpu"))[0].numpy()
     return np.clip(255.0 * image, 0, 255).astype(np.uint8)

@@ -16,7 +16,7 @@ from dist_backend.pipelines import adapter_for
 from dist_backend.pipelines.base import ImageRequest
 from dist_backend.session import Session
 
-from tests.dist.engine_cases import GUIDANCE, SIZE, STEPS
+from tests.dist.engine_cases import GUIDANCE, SIZE, STEPS, format_of
 from tests.helpers import wait_no_ranks
 from tests.lora_fixtures import make_kohya_flux_lora, make_peft_lora
 
@@ -74,8 +74,9 @@ class DiffusersReference:
             if names:
                 pipe.set_adapters(names, [strength for _, strength in loras])
             request = ImageRequest(seed=SEED + j, steps=STEPS, guidance=GUIDANCE[family], **SIZE[family])
-            self.images[key] = adapter_for(family).reference(pipe, prompt=prompt, negative_prompt=None,
-                                                             request=request)
+            # As a ComfyUI LATENT, what the session returns.
+            self.images[key] = format_of(self.pipes, family).process_out(adapter_for(family).reference(
+                pipe, prompt=prompt, negative_prompt=None, request=request))
             if names:
                 pipe.delete_adapters(names)
         return self.images[key]
