@@ -18,7 +18,8 @@ import torch
 
 from .config import SessionConfig, check_devices
 from .driver import CancelFn, ProgressFn, Sidecar
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedError
+from .files import ModelFiles
 from .split import block_bounds, image_items
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ class Session:
     def __init__(self, config: SessionConfig) -> None:
         self.config = config
         self._sidecar: Sidecar | None = None
-        self._model_dir: str | None = None
+        self._model_dir: str | None = None  # the folder path, or a ModelFiles' key
         self._model_info: dict[str, Any] | None = None
+        self._load_message: dict | None = None  # what "load" sends: {"model_dir": path} or {"files": ...}
         self._lock = threading.RLock()
         self.starts = 0
         self.timings = Timings()
@@ -69,8 +71,8 @@ class Session:
                 self._sidecar = Sidecar(self.config)
                 self.starts += 1
                 self.timings.add("start", time.monotonic() - t0)
-                if self._model_dir is not None:
-                    self._sidecar.call("load", self._same({"model_dir": self._model_dir}))
+                if self._load_message is not None:
+                    self._sidecar.call("load", self._same(self._load_message))
             return self._sidecar
 
     def alive(self) -> bool:
@@ -90,16 +92,21 @@ class Session:
         return [payload] * self.config.world_size
 
     # -- stages ------------------------------------------------------------------------------------------------
-    def load(self, model_dir: str | Path, *, should_cancel: CancelFn | None = None) -> dict[str, Any]:
-        """Check the model folder on the host, then load it on every rank (components per the offload policy).
-        A load cannot stop midway: cancelling it stops the ranks (see driver.CANCEL_GRACE_S)."""
-        from .pipelines import read_model_config
+    def load(self, model: str | Path | ModelFiles, *, should_cancel: CancelFn | None = None) -> dict[str, Any]:
+        """Check the model on the host (a diffusers folder path, or single files as `ModelFiles`), then load it on
+        every rank (components per the offload policy). A load cannot stop midway: cancelling it stops the ranks
+        (see driver.CANCEL_GRACE_S)."""
+        from .files import read_source
         from .strategies.cp_checks import check_cp_supported
 
-        model_dir = str(Path(model_dir).expanduser().resolve())
-        info = read_model_config(model_dir)
+        info, message = read_source(model)
+        model_dir = info["model_dir"]
         if self.config.cp_degree > 1:
             check_cp_supported(info, ring=self.config.ring, ulysses=self.config.ulysses)
+        if "files" in message and self.config.gpus_per_rank > 1:
+            raise UnsupportedError(f"gpus_per_rank {self.config.gpus_per_rank} (device_map sharding) is not supported "
+                                   "for models loaded from single files yet; use gpus_per_rank 1 (dp / ring / "
+                                   "ulysses) or a diffusers folder")
         if self.config.gpus_per_rank > 1 and self.config.max_memory:
             # The placement is a pure function of the folder's configs and the budgets: refuse a plan that does
             # not fit before any rank starts (ranks without max_memory plan on their GPUs' free memory).
@@ -115,9 +122,9 @@ class Session:
             if self._model_dir != model_dir:
                 # The ranks drop the old model before loading the new one, so after any failure (or cancel) the
                 # session holds no model: nothing half-loaded is ever used, and a restart does not reload it.
-                self._model_dir = self._model_info = None
-                sidecar.call("load", self._same({"model_dir": model_dir}), should_cancel=should_cancel)
-                self._model_dir, self._model_info = model_dir, info
+                self._model_dir = self._model_info = self._load_message = None
+                sidecar.call("load", self._same(message), should_cancel=should_cancel)
+                self._model_dir, self._model_info, self._load_message = model_dir, info, message
             self.timings.add("load", time.monotonic() - t0)
         return info
 
@@ -189,16 +196,16 @@ class Session:
             self.timings.add("decode", time.monotonic() - t0)
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)
 
-    def generate(self, *, model_dir: str | Path, prompts: list[str], negative_prompt: str | None = None, seed: int,
+    def generate(self, *, model_dir: str | Path | ModelFiles, prompts: list[str], negative_prompt: str | None = None, seed: int,
                  steps: int, guidance: float, height: int, width: int, images_per_prompt: int = 1,
                  num_frames: int = 1, on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All four stages. Returns (latents, images)."""
-        from .pipelines import read_model_config
+        """All four stages. Returns (latents, images). `model_dir`: a diffusers folder or single files (ModelFiles)."""
+        from .files import read_source
 
-        # Everything knowable from the arguments and the folder's configs is refused before any rank starts.
+        # Everything knowable from the arguments and the model's configs is refused before any rank starts.
         prompts = _prompt_list(prompts)
-        check_request(read_model_config(model_dir), steps=steps, height=height, width=width,
+        check_request(read_source(model_dir)[0], steps=steps, height=height, width=width,
                       images_per_prompt=images_per_prompt, num_frames=num_frames, seed=seed)
         self.load(model_dir, should_cancel=should_cancel)
         cond = self.encode(prompts, negative_prompt, should_cancel=should_cancel)
