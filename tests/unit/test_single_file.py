@@ -154,3 +154,30 @@ def test_assembled_weights_are_bit_identical_to_the_folder(files, tiny_dirs, tin
         assert want.keys() == got.keys(), name
         assert all(torch.equal(want[k], got[k]) for k in want), name
         assert not getattr(pipe, name).training
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "flux-schnell"])
+def test_the_shipped_configs_describe_the_real_models(model):
+    """Built on the meta device (no memory): the parameter counts of FLUX.1 and its encoders and VAE."""
+    import json
+
+    import transformers
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from dist_backend.files import CONFIGS_ROOT
+
+    root = CONFIGS_ROOT / model
+    cfg = {name: json.loads((root / name / "config.json").read_text())
+           for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    with torch.device("meta"):
+        models = {"transformer": FluxTransformer2DModel.from_config(cfg["transformer"]),
+                  "vae": AutoencoderKL.from_config(cfg["vae"]),
+                  "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg["text_encoder"])),
+                  "text_encoder_2": transformers.T5EncoderModel(transformers.T5Config(**cfg["text_encoder_2"]))}
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    # FLUX.1 [dev] 11.90 B (schnell has no guidance embedder), CLIP-L text 123.1 M, T5-XXL encoder 4.76 B,
+    # the FLUX.1 VAE 83.8 M.
+    assert round(counts["transformer"] / 1e9, 2) == (11.90 if model == "flux-dev" else 11.89)
+    assert round(counts["text_encoder"] / 1e6, 1) == 123.1
+    assert round(counts["text_encoder_2"] / 1e9, 2) == 4.76
+    assert round(counts["vae"] / 1e6, 1) == 83.8
