@@ -27,7 +27,7 @@ EXAMPLES = REPO_ROOT / "example_workflows"
 API_FILES = sorted(EXAMPLES.glob("*.api.json"))
 TINY_NAME = "distdiff-tiny-flux"
 pytestmark = pytest.mark.keeps_ranks  # the module's ComfyUI keeps its sidecar up between tests, on purpose
-NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs")
+NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs", "DistDiffLoadFiles")
 
 
 @pytest.fixture(scope="module")
