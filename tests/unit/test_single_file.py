@@ -181,3 +181,23 @@ def test_the_shipped_configs_describe_the_real_models(model):
     assert round(counts["text_encoder"] / 1e6, 1) == 123.1
     assert round(counts["text_encoder_2"] / 1e9, 2) == 4.76
     assert round(counts["vae"] / 1e6, 1) == 83.8
+
+
+def test_diffusers_layout_files_load_too(tiny_dirs, tiny_pipes):
+    """A folder's own component files used as single files: diffusers-layout transformer and VAE, a CLIP without
+    the text_model. prefix (transformers 5 saves it so)."""
+    from dist_backend.files.assemble import load_files_pipeline
+
+    folder = tiny_dirs["flux"]
+    parts = {"transformer": folder / "transformer" / "diffusion_pytorch_model.safetensors",
+             "vae": folder / "vae" / "diffusion_pytorch_model.safetensors",
+             "text_encoder": folder / "text_encoder" / "model.safetensors",
+             "text_encoder_2": folder / "text_encoder_2" / "model.safetensors"}
+    info = read_files_config(ModelFiles(family="flux", configs=str(folder), **{k: str(v) for k, v in parts.items()}))
+    assert info["files"]["transformer"]["kind"] == "flux_transformer_diffusers"
+    assert info["files"]["vae"]["kind"] == "diffusers_vae" and info["files"]["text_encoder"]["prefix"] == ""
+    pipe = load_files_pipeline(info, components=["transformer", "vae", "text_encoder"], dtype=torch.float32)
+    assert pipe.text_encoder_2 is None
+    for name in ("transformer", "vae", "text_encoder"):
+        want, got = getattr(tiny_pipes["flux"], name).state_dict(), getattr(pipe, name).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
