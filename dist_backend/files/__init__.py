@@ -256,7 +256,7 @@ def _find_tokenizers(family: Family, files: ModelFiles, configs_dir: Path) -> di
         for root in roots:
             for rel in _TOKENIZER_DIRS[name]:
                 folder = root / rel
-                if folder.is_dir() and any(folder.glob("tokenizer*.json")) or (folder / "vocab.json").is_file():
+                if folder.is_dir() and (any(folder.glob("tokenizer*.json")) or (folder / "vocab.json").is_file()):
                     found[name] = str(folder)
                     break
             if name in found:

@@ -201,3 +201,19 @@ def test_diffusers_layout_files_load_too(tiny_dirs, tiny_pipes):
     for name in ("transformer", "vae", "text_encoder"):
         want, got = getattr(tiny_pipes["flux"], name).state_dict(), getattr(pipe, name).state_dict()
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+
+
+def test_the_host_check_reads_headers_only_without_torch(files, tiny_dirs):
+    """read_files_config (what the host runs) never imports torch, so it cannot have loaded a weight."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from dist_backend.files import ModelFiles, read_files_config; "
+            f"info = read_files_config(ModelFiles(**json.loads(sys.argv[1]))); "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'fp8': info['files']['transformer']['scaled_fp8']}))")
+    spec = flux(files["scaled_fp8"], tiny_dirs).to_message()
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, timeout=120,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"torch": False, "fp8": True}
