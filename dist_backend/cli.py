@@ -24,6 +24,22 @@ def _config_from_args(args: argparse.Namespace):
     )
 
 
+def _model_from_args(args: argparse.Namespace):
+    """A diffusers folder (--model) or single files (--files with --family)."""
+    from .errors import ConfigError
+    from .files import ModelFiles, parse_files_arg
+
+    if args.files is None:
+        for flag in ("family", "tokenizers", "configs"):
+            if getattr(args, flag):
+                raise ConfigError(f"--{flag} goes with --files (single files); a --model folder has its own")
+        return args.model
+    if not args.family:
+        raise ConfigError("--files needs --family (e.g. --family flux)")
+    return ModelFiles(family=args.family, **parse_files_arg(args.files), tokenizers=args.tokenizers or "",
+                      configs=args.configs or "", weights=args.weights)
+
+
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parallelism")
     g.add_argument("--world-size", type=int, default=1, help="number of rank processes")
@@ -52,12 +68,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config, plan = auto_session_config(args)
     else:
         config = _config_from_args(args)  # validated here, before any rank starts
+    model = _model_from_args(args)
     init = read_latent_file(args.init_latent) if args.init_latent else None
     session = Session(config)
     t0 = time.monotonic()
     try:
         latents, images = session.generate(
-            model_dir=args.model, prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+            model_dir=model, prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
             images_per_prompt=args.images_per_prompt, num_frames=args.num_frames, latent=init, denoise=args.denoise,
             loras=args.lora, true_cfg_scale=args.true_cfg, guidance_2=args.guidance_2,
@@ -115,7 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="run a local diffusers pipeline over N rank processes")
-    gen.add_argument("--model", required=True, help="diffusers model folder (model_index.json inside)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="diffusers model folder (model_index.json inside)")
+    source.add_argument("--files", help="single files instead of a folder: transformer=PATH,text_encoder=PATH,"
+                                        "text_encoder_2=PATH,vae=PATH (ComfyUI's diffusion_models / text_encoders / "
+                                        "vae files, fp16 or fp8)")
+    gen.add_argument("--family", default=None, help="family of the --files (flux)")
+    gen.add_argument("--tokenizers", default=None,
+                     help="with --files: a ComfyUI folder (its comfy/ tokenizers) or a diffusers folder to take the "
+                          "tokenizers from (default: --configs)")
+    gen.add_argument("--configs", default=None,
+                     help="with --files: a diffusers-layout folder with the architecture configs (default: the "
+                          "configs shipped for the model)")
+    gen.add_argument("--weights", default="compute", choices=["compute", "fp8"],
+                     help="with --files: transformer weights in the compute dtype, or kept in fp8 (layerwise casting)")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     gen.add_argument("--negative-prompt", default=None,
                      help="used by Qwen-Image and Wan CFG and by Flux true CFG; kept verbatim (\" \" is one)")

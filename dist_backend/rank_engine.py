@@ -89,16 +89,23 @@ class RankEngine:
         return {"adapters": [s.name for s in self.loras]}
 
     def op_load(self, message: dict) -> dict:
+        """Load a diffusers folder ({"model_dir": path}) or single files ({"files": ModelFiles message})."""
+        from .files import ModelFiles, read_files_config
         from .pipelines import adapter_for, read_model_config
         from .residency import Residency
 
-        model_dir = message["model_dir"]
-        info = read_model_config(model_dir)
+        files_info = None
+        if message.get("files") is not None:
+            info = files_info = read_files_config(ModelFiles.from_message(message["files"]))
+            model_dir = info["model_dir"]  # the files' key
+        else:
+            model_dir = message["model_dir"]
+            info = read_model_config(model_dir)
         if self.model_info is not None and self.model_info["model_dir"] == model_dir:
             return {"family": info["family"], "loaded": sorted(self.residency.loaded)}
         self.close()
         self.adapter = adapter_for(info["family"])
-        self.model_info = {"model_dir": model_dir, **info}
+        self.model_info = {**info, "model_dir": model_dir}
         # Only components with weights in this folder (Wan 2.1 lists transformer_2 as null, for example).
         heavy = tuple(c for c in (*self.adapter.text_components, *self.adapter.denoise_components,
                                   *self.adapter.decode_components) if c in info["models"])
@@ -106,6 +113,8 @@ class RankEngine:
         if self.config.gpus_per_rank > 1:
             from .planning.sharding import load_kwargs_for, plan_for_model, rank_budgets
 
+            if files_info is not None:  # the host refuses this before start (Session.load)
+                raise ConfigError("gpus_per_rank > 1 is not supported for models loaded from single files")
             gpus = self.config.rank_gpus(self.rank)
             plan = plan_for_model(model_dir, config=self.config, adapter=self.adapter,
                                   budgets=rank_budgets(self.config, gpus), models=set(heavy))
@@ -113,7 +122,7 @@ class RankEngine:
             load_kwargs = load_kwargs_for(plan, self.adapter, gpus)
         self.residency = Residency(
             model_dir, heavy=heavy, dtype=getattr(torch, self.config.dtype.value), device=self.device,
-            load_kwargs=load_kwargs,
+            load_kwargs=load_kwargs, files_info=files_info,
         )
         try:
             if self.config.offload is Offload.RESIDENT:

@@ -19,7 +19,8 @@ import torch
 
 from .config import SessionConfig, check_devices
 from .driver import CancelFn, PreviewFn, ProgressFn, Sidecar
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedError
+from .files import ModelFiles
 from .split import block_bounds, image_items
 
 if TYPE_CHECKING:
@@ -54,9 +55,10 @@ class Session:
     def __init__(self, config: SessionConfig) -> None:
         self.config = config
         self._sidecar: Sidecar | None = None
-        self._model_dir: str | None = None
+        self._model_dir: str | None = None  # the folder path, or a ModelFiles' key
         self._model_info: dict[str, Any] | None = None
         self._loras: tuple = ()  # lora.LoraSpec, the set the ranks hold (None: unknown after a failed call)
+        self._load_message: dict | None = None  # what "load" sends: {"model_dir": path} or {"files": ...}
         self._lock = threading.RLock()
         self.starts = 0
         self.timings = Timings()
@@ -75,8 +77,8 @@ class Session:
                 self._sidecar = Sidecar(self.config)
                 self.starts += 1
                 self.timings.add("start", time.monotonic() - t0)
-                if self._model_dir is not None:
-                    self._sidecar.call("load", self._same({"model_dir": self._model_dir}))
+                if self._load_message is not None:
+                    self._sidecar.call("load", self._same(self._load_message))
                     if self._loras:
                         self._sidecar.call("set_loras", self._same({"loras": [s.to_message() for s in self._loras]}))
             return self._sidecar
@@ -98,16 +100,21 @@ class Session:
         return [payload] * self.config.world_size
 
     # -- stages ------------------------------------------------------------------------------------------------
-    def load(self, model_dir: str | Path, *, should_cancel: CancelFn | None = None) -> dict[str, Any]:
-        """Check the model folder on the host, then load it on every rank (components per the offload policy).
-        A load cannot stop midway: cancelling it stops the ranks (see driver.CANCEL_GRACE_S)."""
-        from .pipelines import read_model_config
+    def load(self, model: str | Path | ModelFiles, *, should_cancel: CancelFn | None = None) -> dict[str, Any]:
+        """Check the model on the host (a diffusers folder path, or single files as `ModelFiles`), then load it on
+        every rank (components per the offload policy). A load cannot stop midway: cancelling it stops the ranks
+        (see driver.CANCEL_GRACE_S)."""
+        from .files import read_source
         from .strategies.cp_checks import check_cp_supported
 
-        model_dir = str(Path(model_dir).expanduser().resolve())
-        info = read_model_config(model_dir)
+        info, message = read_source(model)
+        model_dir = info["model_dir"]
         if self.config.cp_degree > 1:
             check_cp_supported(info, ring=self.config.ring, ulysses=self.config.ulysses)
+        if "files" in message and self.config.gpus_per_rank > 1:
+            raise UnsupportedError(f"gpus_per_rank {self.config.gpus_per_rank} (device_map sharding) is not supported "
+                                   "for models loaded from single files yet; use gpus_per_rank 1 (dp / ring / "
+                                   "ulysses) or a diffusers folder")
         if self.config.gpus_per_rank > 1 and self.config.max_memory:
             # The placement is a pure function of the folder's configs and the budgets: refuse a plan that does
             # not fit before any rank starts (ranks without max_memory plan on their GPUs' free memory).
@@ -123,10 +130,10 @@ class Session:
             if self._model_dir != model_dir:
                 # The ranks drop the old model before loading the new one, so after any failure (or cancel) the
                 # session holds no model: nothing half-loaded is ever used, and a restart does not reload it.
-                self._model_dir = self._model_info = None
+                self._model_dir = self._model_info = self._load_message = None
                 self._loras = ()  # the ranks drop LoRAs with the model they belong to
-                sidecar.call("load", self._same({"model_dir": model_dir}), should_cancel=should_cancel)
-                self._model_dir, self._model_info = model_dir, info
+                sidecar.call("load", self._same(message), should_cancel=should_cancel)
+                self._model_dir, self._model_info, self._load_message = model_dir, info, message
             self.timings.add("load", time.monotonic() - t0)
         return info
 
@@ -281,22 +288,22 @@ class Session:
             self.timings.add("decode", time.monotonic() - t0)
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)
 
-    def generate(self, *, model_dir: str | Path, prompts: list[str], negative_prompt: str | None = None, seed: int,
-                 steps: int, guidance: float, height: int | None = None, width: int | None = None,
+    def generate(self, *, model_dir: str | Path | ModelFiles, prompts: list[str], negative_prompt: str | None = None,
+                 seed: int, steps: int, guidance: float, height: int | None = None, width: int | None = None,
                  images_per_prompt: int = 1, num_frames: int = 1, latent: torch.Tensor | None = None,
                  denoise: float = 1.0, loras: Sequence[tuple[str | Path, float]] = (),
                  true_cfg_scale: float = 1.0, guidance_2: float | None = None,
                  on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All four stages, with `loras` ((file, strength) pairs) applied. Returns (latents, images); `latent` and
-        `denoise` as for `denoise`."""
+        `denoise` as for `denoise`. `model_dir`: a diffusers folder or single files (ModelFiles)."""
+        from .files import read_source
         from .latent_format import latent_format, pair_with_images
         from .lora import lora_specs
-        from .pipelines import read_model_config
 
-        # Everything knowable from the arguments and the folder's configs is refused before any rank starts.
+        # Everything knowable from the arguments and the model's configs is refused before any rank starts.
         prompts = _prompt_list(prompts)
-        info = read_model_config(model_dir)
+        info = read_source(model_dir)[0]
         if latent is not None:
             fmt = latent_format(info)
             latent = fmt.to_layout(latent, what="latent", sampling=True)

@@ -18,16 +18,17 @@ class PipelineHandle:
     handle can never point at a dead or replaced sidecar."""
 
     config: object  # dist_backend.config.SessionConfig
-    model_dir: str
+    model_dir: str  # a diffusers folder; for single files, the ModelFiles' key (a name, not a path)
     family: str
     loras: tuple[tuple[str, float], ...] = ()
     """(file, strength) in chain order (DistDiffLoRA nodes append); the ranks hold exactly these for every stage."""
+    files: object = None  # dist_backend.files.ModelFiles when the model was loaded from single files
 
     def session(self):
         from ..dist_backend.session import get_session
 
         session = get_session(self.config)
-        session.load(self.model_dir)  # no-op when this model is already loaded
+        session.load(self.files if self.files is not None else self.model_dir)  # no-op when already loaded
         session.set_loras(self.loras)  # no-op when the ranks already hold exactly this set
         return session
 

@@ -8,6 +8,7 @@ _routes_added = False
 def NODE_CLASS_MAPPINGS():
     from .decode_vae import DecodeVAE
     from .encode_on_gpus import EncodeOnGPUs
+    from .load_files import LoadFiles
     from .load_sharded import LoadSharded
     from .lora import DistDiffLoRA
     from .parallel_denoise import ParallelDenoise
@@ -16,13 +17,15 @@ def NODE_CLASS_MAPPINGS():
     _add_routes()
     # The type ids are part of every saved workflow: never rename them.
     return {"LoadSharded": LoadSharded, "EncodeOnGPUs": EncodeOnGPUs, "ParallelDenoise": ParallelDenoise,
-            "DecodeVAE": DecodeVAE, "DistDiffReleaseGPUs": ReleaseGPUs, "DistDiffLoRA": DistDiffLoRA}
+            "DecodeVAE": DecodeVAE, "DistDiffReleaseGPUs": ReleaseGPUs, "DistDiffLoRA": DistDiffLoRA,
+            "DistDiffLoadFiles": LoadFiles}
 
 
 def NODE_DISPLAY_NAME_MAPPINGS():
     return {"LoadSharded": "Load Sharded (DistDiff)", "EncodeOnGPUs": "Encode on GPUs (DistDiff)",
             "ParallelDenoise": "Parallel Denoise (DistDiff)", "DecodeVAE": "Decode VAE (DistDiff)",
-            "DistDiffReleaseGPUs": "Release GPUs (DistDiff)", "DistDiffLoRA": "LoRA (DistDiff)"}
+            "DistDiffReleaseGPUs": "Release GPUs (DistDiff)", "DistDiffLoRA": "LoRA (DistDiff)",
+            "DistDiffLoadFiles": "Load Sharded from Files (DistDiff)"}
 
 
 def _add_routes() -> None:

@@ -156,9 +156,12 @@ def check_safetensors(path: str | Path, *, fix: str = "download the model again"
 
     The format is an 8-byte little-endian header length, a json header mapping tensor names to
     {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the end of the header), then the data.
-    A file shorter than header end + the largest offset end was cut off (interrupted download).
+    A file shorter than header end + the largest offset end was cut off (interrupted download). Only the header
+    is read, never the weights. `fix` ends each message (what the user should do about it).
     """
     path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{str(path)!r} does not exist or is not a file; {fix}")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)

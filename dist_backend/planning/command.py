@@ -84,6 +84,10 @@ def auto_session_config(args: argparse.Namespace):
     from .model_facts import read_model_facts
     from .planner import Hand, Request, plan, session_kwargs
 
+    if args.model is None:
+        # The planner reads a diffusers folder's configs; single files (--files) have no hook here yet.
+        raise ConfigError("--auto plans from a diffusers folder's configs: give --model DIR (not --files), or set "
+                          "the degrees by hand")
     hand = {k: v for k, v in (("dp", args.dp), ("ring", args.ring), ("ulysses", args.ulysses),
                               ("gpus_per_rank", args.gpus_per_rank)) if v not in (0, 1)}
     if args.offload != "resident":

@@ -30,7 +30,8 @@ API_FILES = [EXAMPLES / f"{name}.api.json" for name in ("data_parallel", "device
                                                         "ring", "ulysses")]
 TINY_NAME = "distdiff-tiny-flux"
 pytestmark = pytest.mark.keeps_ranks  # the module's ComfyUI keeps its sidecar up between tests, on purpose
-NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs", "DistDiffLoRA")
+NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs", "DistDiffLoRA",
+              "DistDiffLoadFiles")
 
 
 @pytest.fixture(scope="module")

@@ -129,3 +129,21 @@ def test_guidance_flags_reach_the_pipeline(tiny_dirs, tiny_pipes, tmp_path):
         diff = float((latents - expected).abs().max())
         print(f"\n[measured] CLI {family} {' '.join(flags)}: max abs diff vs one process = {diff:.3e}")
         assert diff <= 1e-4
+
+
+def test_generate_from_single_files_and_a_wrong_file_is_refused_before_start(tiny_dirs, tiny_pipes, tmp_path):
+    from dist_backend.files.tiny_files import write_flux_files
+
+    paths = write_flux_files(tiny_dirs["flux"], tmp_path / "files", storage="fp32", comfy_prefix=True)
+    files = ",".join(f"{part}={path}" for part, path in paths.items())
+    args = ("generate", "--family", "flux", "--configs", str(tiny_dirs["flux"]), "--prompt", "a cat", "--seed", "2",
+            "--steps", "3", "--height", "64", "--width", "64", "--world-size", "1", "--save-tensors")
+    done = run_cli(*args, "--files", files, "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    latents = torch.load(tmp_path / "out" / "tensors.pt")["latents"]
+    assert float((latents - reference(tiny_pipes, "flux", ["a cat"], seed=2)).abs().max()) <= 1e-6
+    wrong = files.replace(f"transformer={paths['transformer']}", f"transformer={paths['vae']}")
+    bad = run_cli(*args, "--files", wrong, "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2
+    assert f"transformer file '{paths['vae']}' is an image VAE" in bad.stderr and "expects a Flux transformer" in bad.stderr
+    assert not (tmp_path / "bad").exists()
