@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -25,8 +26,9 @@ def cp_mode_of(transformer) -> str | None:
 
 
 class RankEngine:
-    def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel) -> None:
+    def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel, beater=None) -> None:
         self.config = config
+        self.beater = beater  # beat.Beater: told when weights load (the host then expects no denoise step)
         self.rank = rank
         self.device = device
         self.channel = channel
@@ -58,9 +60,10 @@ class RankEngine:
         if handler is None:
             raise ConfigError(f"unknown op {op!r}")
         self._call_id = message.get("id")
+        self._op = op
         self._cancel_seen = False
         if self.fault is not None:
-            self.fault.at(op)
+            self.fault.at(op, channel=self.channel)
         return handler(message)
 
     def op_ping(self, message: dict) -> dict:
@@ -91,7 +94,7 @@ class RankEngine:
             load_kwargs = load_kwargs_for(plan, self.adapter, gpus)
         self.residency = Residency(
             model_dir, heavy=heavy, dtype=getattr(torch, self.config.dtype.value), device=self.device,
-            load_kwargs=load_kwargs,
+            load_kwargs=load_kwargs, loading=self._loading,
         )
         try:
             if self.config.offload is Offload.RESIDENT:
@@ -166,6 +169,14 @@ class RankEngine:
         return {"unloaded": True}
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _loading(self):
+        """Around every weights load (any stage): the beats say so, so a long staged reload is not a hung step."""
+        with self.beater.loading() if self.beater is not None else contextlib.nullcontext():
+            if self.fault is not None:
+                self.fault.at(self._op, load=True)
+            yield
+
     def _require_model(self) -> None:
         if self.residency is None:
             raise ConfigError("no model loaded on this sidecar; call load(model_dir) first")

@@ -7,6 +7,7 @@ what is resident when.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from collections.abc import Callable, Iterable
@@ -23,12 +24,14 @@ class Residency:
     def __init__(
         self, model_dir: str, *, heavy: Iterable[str], dtype: torch.dtype, device: torch.device,
         load_kwargs: Callable[[str], dict[str, Any]] | None = None,
+        loading: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.heavy = tuple(heavy)
         self.dtype = dtype
         self.device = device
         self._load_kwargs = load_kwargs or (lambda name: {})
+        self._loading = loading or contextlib.nullcontext  # entered around every load (the rank's beats report it)
         self.pipe = None
         self.loaded: set[str] = set()
 
@@ -38,6 +41,10 @@ class Residency:
         missing = needed - self.loaded
         if self.pipe is not None and not missing:
             return self.pipe
+        with self._loading():
+            return self._load(missing)
+
+    def _load(self, missing: set[str]) -> Any:
         from diffusers import DiffusionPipeline
 
         skip: dict[str, Any] = {c: None for c in self.heavy if c not in missing}

@@ -62,6 +62,20 @@ def resolve_model(name: str, path: str) -> str:
                      "put the diffusers folder there or give its absolute path in model_path")
 
 
+def folder_fingerprint(model_dir: str) -> str:
+    """Names, sizes and modification times of a diffusers folder's files (top level and one level down: the
+    component folders), so replacing a weights file changes it. Stats only: cheap enough for every queue."""
+    entries = []
+    for root, dirs, files in os.walk(model_dir, followlinks=True):
+        depth = os.path.relpath(root, model_dir).count(os.sep) + (root != model_dir)
+        if depth >= 1:
+            dirs.clear()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            entries.append(f"{os.path.relpath(os.path.join(root, name), model_dir)}:{st.st_size}:{st.st_mtime_ns}")
+    return f"{os.path.realpath(model_dir)}|" + "|".join(sorted(entries))
+
+
 def comfy_progress(total_hint: int):
     """A callable (done, total) that moves ComfyUI's progress bar of the running node."""
     import comfy.utils

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, list_models, resolve_model,
-                     run_cancellable)
+from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, folder_fingerprint, list_models,
+                     resolve_model, run_cancellable)
 
 
 class LoadSharded:
@@ -52,12 +52,15 @@ class LoadSharded:
         }
 
     @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        # Re-run when the sidecar died or was replaced, so ComfyUI's cache never hands out a stale pipeline.
-        from ..dist_backend.session import current_session
-
-        session = current_session()
-        return f"{id(session)}:{session.starts if session else 0}:{session.alive() if session else False}"
+    def IS_CHANGED(cls, model, model_path="", **kwargs):
+        # The output (a PipelineHandle: config, folder, family) changes only with the inputs, which ComfyUI compares
+        # itself, and with the folder's files. Not with the sidecar: downstream nodes get the live session from the
+        # handle (PipelineHandle.session restarts a dead or released sidecar), and the cached embeddings and latents
+        # are plain CPU data that stay valid, so a restart must not re-run them.
+        try:
+            return folder_fingerprint(resolve_model(model, model_path))
+        except Exception:  # noqa: BLE001 - a missing folder: load() raises the clear ModelError
+            return float("nan")
 
     def load(self, model, ranks, dp, ring, ulysses, device, dtype, offload, gpus_per_rank=1, device_map="none",
              max_memory="", attention_backend="", model_path=""):
