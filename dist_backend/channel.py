@@ -99,6 +99,8 @@ class Channel:
                     deadline = time.monotonic() + timeout
                     for part in parts:
                         self._send_by(part, deadline)
+            except ChannelTimeout:
+                raise  # a TimeoutError, hence an OSError: not a closed channel
             except OSError as exc:
                 raise ChannelClosed(f"send failed: {exc}") from None
 

@@ -9,7 +9,7 @@ through ``SessionConfig(env=...)``:
                 when the call starts loading weights (staged offload reloads), neither when the call starts
         action  hang (the main thread sleeps forever; the process and its beat thread run on) | sleep<S> (sleep
                 S seconds, then carry on) | raise_oom | exit | stop (SIGSTOP this whole process, as a freeze
-                from outside would) | oversize (send the host the head of a 4 GiB frame, then hang)
+                from outside would) | oversize (send the host the head of a 1 GiB frame, then hang)
     DISTDIFF_FAULT_ONCE=<path>   optional: fire only if <path> can still be created, so the fault fires once
                                  in all, not once per sidecar (the restarted sidecar must work)
 
@@ -30,7 +30,7 @@ ENV_FAULT = "DISTDIFF_FAULT"
 ENV_FAULT_ONCE = "DISTDIFF_FAULT_ONCE"
 EXIT_FAULT = 3
 _SPEC = re.compile(r"^rank(\d+):([a-z]+)(?:_step(\d+)|_(load))?:(hang|raise_oom|exit|stop|oversize|sleep[0-9.]+)$")
-OVERSIZE_BYTES = 4 * 1024**3  # under channel.MAX_FRAME_BYTES: only a per-call limit refuses it
+OVERSIZE_BYTES = 1024**3  # under channel.MAX_FRAME_BYTES: only a per-call limit refuses it
 
 
 @dataclass(frozen=True)
