@@ -130,3 +130,38 @@ def test_an_authenticated_peer_cannot_make_the_host_allocate_a_huge_frame(tiny_d
         assert s.decode(latents).shape == (2, 64, 64, 3)  # the next call gets a fresh sidecar
     finally:
         s.close()
+
+
+def test_close_from_another_thread_stops_a_call_that_has_no_step_boundary(tiny_dirs, tmp_path):
+    """What the release route does: Session.close on another thread while a decode (no step boundary; made to take
+    a minute) holds the session. close returns within the abort grace, the decode raises Cancelled naming the
+    release, and no rank is left."""
+    from dist_backend import driver
+    from dist_backend.errors import Cancelled
+
+    s = session(fault="rank1:decode:sleep60", once=tmp_path / "fired")
+    try:
+        s.load(tiny_dirs["flux"])
+        latents = s.denoise(s.encode(PROMPTS), **SHORT)
+        pids = s.sidecar_pids()
+        outcome: list = []
+
+        def decode() -> None:
+            try:
+                outcome.append(s.decode(latents))
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertions
+                outcome.append(exc)
+
+        worker = threading.Thread(target=decode, daemon=True)
+        worker.start()
+        time.sleep(1.0)  # the decode is under way (rank 1 sleeps in it)
+        t0 = time.monotonic()
+        s.close()
+        seconds = time.monotonic() - t0
+        worker.join(10)
+        measured("Session.close from another thread during a long decode -> returned", seconds)
+        assert seconds < driver.ABORT_GRACE_S + 4
+        assert isinstance(outcome[0], Cancelled) and "released" in str(outcome[0]), outcome
+        assert gone_within(pids, 5.0) is not None and not s.alive()
+    finally:
+        s.close()
