@@ -80,7 +80,8 @@ class Beater:
             with self._lock:
                 if self._call_id is None or self._stopped:
                     continue
-                frame = protocol.encode({"id": self._call_id, "event": "alive", "loading": self._loading > 0})
+                frame = protocol.encode({"id": self._call_id, "event": protocol.Event.ALIVE,
+                                         "loading": self._loading > 0})
                 try:
                     self._channel.send(frame)
                 except Exception:  # noqa: BLE001 - the host is gone: the main thread sees it and exits

@@ -35,6 +35,16 @@ class DeviceMapPolicy(str, enum.Enum):
     AUTO = "auto"  # like balanced, but fill GPUs in order
 
 
+class WireEnum(str, enum.Enum):
+    """A closed set of names that cross process boundaries (message kinds, events, CP modes): a member is written as
+    its plain string (JSON writes a str subclass as its text), compares and hashes equal to it and prints as it, so
+    the wire format is the string and what arrives on the other side is a plain str."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__
+
+
 def _enum(cls: type[enum.Enum], value: Any, name: str) -> Any:
     if isinstance(value, cls):
         return value

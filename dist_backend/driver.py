@@ -28,7 +28,7 @@ FAILURE_GRACE_S = 5.0
 # long it may still run before every rank is stopped instead. A load is cut short: a half-loaded model is worth
 # nothing and the next load starts over anyway. Encode and decode take seconds and may finish: stopping the ranks
 # would throw the loaded model away and cost a full reload. Tests lower these to exercise both outcomes.
-CANCEL_GRACE_S = {"load": 1.0}
+CANCEL_GRACE_S = {protocol.Op.LOAD: 1.0}
 CANCEL_GRACE_DEFAULT_S = 30.0
 # After a release or restart asks a running call to stop (Sidecar.request_abort, from another thread), how long the
 # ranks get to leave at their next step boundary before every rank is stopped instead.
@@ -79,7 +79,7 @@ class Sidecar:
         self._abort_reason = reason
 
     def call(
-        self, op: str, payloads: list[dict[str, Any]], *, on_progress: ProgressFn | None = None,
+        self, op: protocol.Op, payloads: list[dict[str, Any]], *, on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None, stepped: bool = False, result_bytes: int | None = None,
     ) -> list[Any]:
         """Send `op` with payloads[r] to rank r; return every rank's result, in rank order. Large result tensors
@@ -221,14 +221,14 @@ class Sidecar:
                 if not isinstance(message, dict) or message.get("id") != call_id:
                     raise ProtocolError(f"rank {proc.rank} sent an unexpected message during {op}")
                 event = message.get("event")
-                if event == "alive":  # from the rank's beat thread: the process runs
+                if event == protocol.Event.ALIVE:  # from the rank's beat thread: the process runs
                     if message.get("loading"):
                         last_step[proc.rank] = last_heard[proc.rank]  # weights loading: no step is due yet
                     continue
-                if event == "heartbeat":
+                if event == protocol.Event.HEARTBEAT:
                     last_step[proc.rank] = last_heard[proc.rank]
                     continue  # a CP non-leader's step: alive, but its progress is its leader's
-                if event == "progress":
+                if event == protocol.Event.PROGRESS:
                     last_step[proc.rank] = last_heard[proc.rank]
                     progress[proc.rank] = (int(message["done"]), int(message["total"]))
                     if on_progress is not None and hook_error is None:
@@ -291,7 +291,7 @@ class Sidecar:
                          remote_traceback=str(error.get("traceback", "")))
 
     def _send_cancel(self, call_id: int) -> None:
-        frame = protocol.encode({"op": "cancel", "id": call_id})
+        frame = protocol.encode({"op": protocol.Op.CANCEL, "id": call_id})
         for proc in self._launched.processes:
             try:
                 proc.channel.send(frame, timeout=_CONTROL_SEND_S)
@@ -309,7 +309,7 @@ class Sidecar:
         for proc in launched.processes:
             if proc.channel is not None and proc.popen.poll() is None:
                 try:
-                    proc.channel.send(protocol.encode({"op": "shutdown", "id": 0}), timeout=_CONTROL_SEND_S)
+                    proc.channel.send(protocol.encode({"op": protocol.Op.SHUTDOWN, "id": 0}), timeout=_CONTROL_SEND_S)
                 except (ChannelClosed, ChannelTimeout):
                     pass  # the escalation below stops it
         # A broken sidecar's ranks are stuck or half-way through a call: waiting long for them gains nothing.

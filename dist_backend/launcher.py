@@ -189,7 +189,7 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig) -> None
             continue
         hello = protocol.decode(channel.recv(timeout=5.0))
         rank = hello.get("rank") if isinstance(hello, dict) else None
-        if hello.get("event") != "hello" or rank not in pending:
+        if hello.get("event") != protocol.Event.HELLO or rank not in pending:
             channel.close()
             continue
         by_rank[rank].channel = channel
@@ -204,7 +204,7 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig) -> None
                                   setting="start_timeout_s")
             if proc.channel.poll(min(0.2, remaining)):
                 message = protocol.decode(proc.channel.recv(timeout=remaining))
-                if message.get("event") == "ready":
+                if message.get("event") == protocol.Event.READY:
                     break
 
 

@@ -185,13 +185,12 @@ class RankEngine:
         """Enable CP in the mode this request needs (plain, or diffusers' uneven "anything" mode).
         NOTE: symmetric: the host sends every rank the same `cp_lengths` for the whole call, so every rank of every
         CP group takes the same branch here, at the same point, before its first item."""
-        from .strategies.context_parallel import (cp_config_for, cp_mode, disable_context_parallel,
+        from .strategies.context_parallel import (CPMode, cp_config_for, cp_mode, disable_context_parallel,
                                                   enable_context_parallel)
 
         ring, ulysses = self.config.ring, self.config.ulysses
         wanted = cp_config_for(ring=ring, ulysses=ulysses, mesh=None, seq_lengths=lengths)
-        wanted_mode = ("ring_anything" if wanted.ring_anything else "ulysses_anything" if wanted.ulysses_anything
-                       else "ring×ulysses" if ring > 1 and ulysses > 1 else "ring" if ring > 1 else "ulysses")
+        wanted_mode = CPMode.of(wanted)
         current = cp_mode(transformer)
         if current == wanted_mode:
             return
@@ -203,10 +202,10 @@ class RankEngine:
     def _step_boundary(self, done: int, total: int) -> None:
         """After every denoise step: report progress, and decide together whether to stop."""
         if self.fault is not None:
-            self.fault.at("denoise", done)
+            self.fault.at(protocol.Op.DENOISE, done)
         # Every rank says it is alive each step (the host's heartbeat_timeout_s watches each rank, and a CP
         # non-leader would otherwise be silent for the whole denoise); only leaders' messages count as progress.
-        event = "progress" if self.is_leader else "heartbeat"
+        event = protocol.Event.PROGRESS if self.is_leader else protocol.Event.HEARTBEAT
         self.channel.send(protocol.encode({"id": self._call_id, "event": event, "done": done, "total": total}))
         self._drain_cancel()
         stop = self._cancel_seen
@@ -223,7 +222,7 @@ class RankEngine:
     def _drain_cancel(self) -> None:
         while self.channel.poll(0):
             message = protocol.decode(self.channel.recv(timeout=self.config.heartbeat_timeout_s))
-            if isinstance(message, dict) and message.get("op") == "cancel":
+            if isinstance(message, dict) and message.get("op") == protocol.Op.CANCEL:
                 self._cancel_seen = True
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import SessionConfig, check_devices
+from .protocol import Op
 from .driver import ABORT_GRACE_S, CancelFn, ProgressFn, Sidecar
 from .errors import Cancelled, ConfigError
 from .split import block_bounds, image_items
@@ -82,7 +83,7 @@ class Session:
                 if self._abort_reason is not None:  # closed from another thread while the ranks started
                     self._sidecar.request_abort(self._abort_reason)
                 if self._model_dir is not None:
-                    self._sidecar.call("load", self._same({"model_dir": self._model_dir}))
+                    self._sidecar.call(Op.LOAD, self._same({"model_dir": self._model_dir}))
             return self._sidecar
 
     def alive(self) -> bool:
@@ -158,7 +159,7 @@ class Session:
                 # The ranks drop the old model before loading the new one, so after any failure (or cancel) the
                 # session holds no model: nothing half-loaded is ever used, and a restart does not reload it.
                 self._model_dir = self._model_info = None
-                sidecar.call("load", self._same({"model_dir": model_dir}), should_cancel=should_cancel)
+                sidecar.call(Op.LOAD, self._same({"model_dir": model_dir}), should_cancel=should_cancel)
                 self._model_dir, self._model_info = model_dir, info
             self.timings.add("load", time.monotonic() - t0)
         return info
@@ -175,7 +176,7 @@ class Session:
             payloads.append({"prompts": prompts[start:stop], "negative_prompt": negative_prompt})
         with self._lock:
             t0 = time.monotonic()
-            results = self.sidecar.call("encode", payloads, should_cancel=should_cancel,
+            results = self.sidecar.call(Op.ENCODE, payloads, should_cancel=should_cancel,
                                         result_bytes=len(prompts) * EMBED_BYTES_PER_PROMPT)
             self.timings.add("encode", time.monotonic() - t0)
         # Copies: large embeddings view the ranks' shared arenas, which the next call may overwrite.
@@ -207,7 +208,7 @@ class Session:
             })
         with self._lock:
             t0 = time.monotonic()
-            results = self.sidecar.call("denoise", payloads, on_progress=on_progress, should_cancel=should_cancel,
+            results = self.sidecar.call(Op.DENOISE, payloads, on_progress=on_progress, should_cancel=should_cancel,
                                         stepped=True, result_bytes=len(items) * num_frames * height * width
                                         * LATENT_BYTES_PER_PIXEL)
             self.timings.add("denoise", time.monotonic() - t0)
@@ -229,7 +230,7 @@ class Session:
             payloads.append({"latents": latents[start:stop] if stop > start else None})  # encode copies it
         with self._lock:
             t0 = time.monotonic()
-            results = self.sidecar.call("decode", payloads, should_cancel=should_cancel,
+            results = self.sidecar.call(Op.DECODE, payloads, should_cancel=should_cancel,
                                         result_bytes=latents[:, 0].numel() * IMAGE_BYTES_PER_LATENT_PIXEL)
             self.timings.add("decode", time.monotonic() - t0)
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)

@@ -84,7 +84,7 @@ def main() -> int:
     channel = client_connect(os.environ[ENV_HOST_ADDR], int(os.environ[ENV_HOST_PORT]), secret,
                              timeout=config.start_timeout_s)
     del secret
-    channel.send(protocol.encode({"event": "hello", "rank": rank, "pid": os.getpid()}))
+    channel.send(protocol.encode({"event": protocol.Event.HELLO, "rank": rank, "pid": os.getpid()}))
 
     import torch
     import torch.distributed as dist
@@ -116,7 +116,7 @@ def main() -> int:
 
     beater = Beater(channel, interval=beat_interval(config.heartbeat_timeout_s))
     engine = RankEngine(config=config, rank=rank, device=device, channel=channel, beater=beater)
-    channel.send(protocol.encode({"event": "ready", "rank": rank}))
+    channel.send(protocol.encode({"event": protocol.Event.READY, "rank": rank}))
     log.info("ready: %s, device %s, %d threads", config.strategy, device, torch.get_num_threads())
 
     try:
@@ -131,9 +131,9 @@ def main() -> int:
             message = protocol.decode(frame)
             op = message.get("op") if isinstance(message, dict) else None
             call_id = message.get("id") if isinstance(message, dict) else None
-            if op == "cancel":
+            if op == protocol.Op.CANCEL:
                 continue  # a cancel that arrived after its call finished
-            if op == "shutdown":
+            if op == protocol.Op.SHUTDOWN:
                 channel.send(protocol.encode({"id": call_id, "ok": True, "result": None}))
                 return 0
             beater.begin(call_id)  # the host hears from this rank during the whole call, whatever the stage
