@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -28,8 +29,9 @@ def cp_mode_of(transformer) -> str | None:
 
 
 class RankEngine:
-    def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel) -> None:
+    def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel, beater=None) -> None:
         self.config = config
+        self.beater = beater  # beat.Beater: told when weights load (the host then expects no denoise step)
         self.rank = rank
         self.device = device
         self.channel = channel
@@ -62,9 +64,10 @@ class RankEngine:
         if handler is None:
             raise ConfigError(f"unknown op {op!r}")
         self._call_id = message.get("id")
+        self._op = op
         self._cancel_seen = False
         if self.fault is not None:
-            self.fault.at(op)
+            self.fault.at(op, channel=self.channel)
         return handler(message)
 
     def op_ping(self, message: dict) -> dict:
@@ -122,7 +125,7 @@ class RankEngine:
             load_kwargs = load_kwargs_for(plan, self.adapter, gpus)
         self.residency = Residency(
             model_dir, heavy=heavy, dtype=getattr(torch, self.config.dtype.value), device=self.device,
-            load_kwargs=load_kwargs, files_info=files_info,
+            load_kwargs=load_kwargs, files_info=files_info, loading=self._loading,
         )
         try:
             if self.config.offload is Offload.RESIDENT:
@@ -214,6 +217,14 @@ class RankEngine:
         return {"unloaded": True}
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _loading(self):
+        """Around every weights load (any stage): the beats say so, so a long staged reload is not a hung step."""
+        with self.beater.loading() if self.beater is not None else contextlib.nullcontext():
+            if self.fault is not None:
+                self.fault.at(self._op, load=True)
+            yield
+
     def _require_model(self) -> None:
         if self.residency is None:
             raise ConfigError("no model loaded on this sidecar; call load(model_dir) first")
@@ -241,13 +252,12 @@ class RankEngine:
         """Enable CP in the mode this request needs (plain, or diffusers' uneven "anything" mode).
         NOTE: symmetric: the host sends every rank the same `cp_lengths` for the whole call, so every rank of every
         CP group takes the same branch here, at the same point, before its first item."""
-        from .strategies.context_parallel import (cp_config_for, cp_mode, disable_context_parallel,
+        from .strategies.context_parallel import (CPMode, cp_config_for, cp_mode, disable_context_parallel,
                                                   enable_context_parallel)
 
         ring, ulysses = self.config.ring, self.config.ulysses
         wanted = cp_config_for(ring=ring, ulysses=ulysses, mesh=None, seq_lengths=lengths)
-        wanted_mode = ("ring_anything" if wanted.ring_anything else "ulysses_anything" if wanted.ulysses_anything
-                       else "ring×ulysses" if ring > 1 and ulysses > 1 else "ring" if ring > 1 else "ulysses")
+        wanted_mode = CPMode.of(wanted)
         current = cp_mode(transformer)
         if current == wanted_mode:
             return
@@ -260,10 +270,10 @@ class RankEngine:
         """After every denoise step: report progress (with a preview latent when one is due), and decide together
         whether to stop."""
         if self.fault is not None:
-            self.fault.at("denoise", done)
+            self.fault.at(protocol.Op.DENOISE, done)
         # Every rank says it is alive each step (the host's heartbeat_timeout_s watches each rank, and a CP
         # non-leader would otherwise be silent for the whole denoise); only leaders' messages count as progress.
-        event = "progress" if self.is_leader else "heartbeat"
+        event = protocol.Event.PROGRESS if self.is_leader else protocol.Event.HEARTBEAT
         message = {"id": self._call_id, "event": event, "done": done, "total": total}
         if preview is not None and self.is_leader:
             message["preview"] = preview
@@ -283,7 +293,7 @@ class RankEngine:
     def _drain_cancel(self) -> None:
         while self.channel.poll(0):
             message = protocol.decode(self.channel.recv(timeout=self.config.heartbeat_timeout_s))
-            if isinstance(message, dict) and message.get("op") == "cancel":
+            if isinstance(message, dict) and message.get("op") == protocol.Op.CANCEL:
                 self._cancel_seen = True
 
     def close(self) -> None:

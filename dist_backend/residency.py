@@ -8,6 +8,7 @@ what is resident when. A model given as single files (`files_info`, see dist_bac
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ class Residency:
     def __init__(
         self, model_dir: str, *, heavy: Iterable[str], dtype: torch.dtype, device: torch.device,
         load_kwargs: Callable[[str], dict[str, Any]] | None = None, files_info: dict[str, Any] | None = None,
+        loading: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         self.model_dir = model_dir  # for single files: the ModelFiles key (a name, not a path)
         self.files_info = files_info
@@ -31,6 +33,7 @@ class Residency:
         self.dtype = dtype
         self.device = device
         self._load_kwargs = load_kwargs or (lambda name: {})
+        self._loading = loading or contextlib.nullcontext  # entered around every load (the rank's beats report it)
         self.pipe = None
         self.loaded: set[str] = set()
         self.load_counts: dict[str, int] = {}  # component -> times read from disk (tests prove what was not reloaded)
@@ -41,6 +44,10 @@ class Residency:
         missing = needed - self.loaded
         if self.pipe is not None and not missing:
             return self.pipe
+        with self._loading():
+            return self._load(missing)
+
+    def _load(self, missing: set[str]) -> Any:
         if self.files_info is not None:
             from .files.assemble import load_files_pipeline
 

@@ -18,15 +18,25 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import SessionConfig, check_devices
-from .driver import CancelFn, PreviewFn, ProgressFn, Sidecar
-from .errors import ConfigError, UnsupportedError
+from .driver import ABORT_GRACE_S, CancelFn, PreviewFn, ProgressFn, Sidecar
+from .errors import Cancelled, ConfigError, UnsupportedError
 from .files import ModelFiles
+from .protocol import Op
 from .split import block_bounds, image_items
 
 if TYPE_CHECKING:
     from .lora import LoraSpec
 
 log = logging.getLogger(__name__)
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to 2^64 − 1
+# How long Session.close waits for a running call to leave after asking it to stop, beyond ABORT_GRACE_S, before
+# it stops the call's ranks from outside; and then how long for the call's thread to hand the session back.
+_CLOSE_MARGIN_S = 2.0
+_CLOSE_WAIT_S = 30.0
+# Upper bounds of one rank's answer, per unit of work, that size the host's frame limit (driver.Sidecar.call).
+EMBED_BYTES_PER_PROMPT = 64 * 1024**2  # prompt + negative embeddings of the largest text encoders, float32
+LATENT_BYTES_PER_PIXEL = 4  # ≤ 64 float32 latent channels per 8×8 pixels
+IMAGE_BYTES_PER_LATENT_PIXEL = 8 * 8 * 3 * 4 * 4  # 8×8 RGB float32 pixels, × 4 frames per latent frame (video VAEs)
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class Session:
         self._loras: tuple = ()  # lora.LoraSpec, the set the ranks hold (None: unknown after a failed call)
         self._load_message: dict | None = None  # what "load" sends: {"model_dir": path} or {"files": ...}
         self._lock = threading.RLock()
+        self._abort_reason: str | None = None  # set by close() from another thread while a call holds _lock
         self.starts = 0
         self.timings = Timings()
         self.last_cp_modes: list[str | None] = []
@@ -77,10 +88,13 @@ class Session:
                 self._sidecar = Sidecar(self.config)
                 self.starts += 1
                 self.timings.add("start", time.monotonic() - t0)
+                if self._abort_reason is not None:  # closed from another thread while the ranks started
+                    self._sidecar.request_abort(self._abort_reason)
                 if self._load_message is not None:
-                    self._sidecar.call("load", self._same(self._load_message))
+                    self._sidecar.call(Op.LOAD, self._same(self._load_message))
                     if self._loras:
-                        self._sidecar.call("set_loras", self._same({"loras": [s.to_message() for s in self._loras]}))
+                        self._sidecar.call(Op.SET_LORAS,
+                                           self._same({"loras": [s.to_message() for s in self._loras]}))
             return self._sidecar
 
     def alive(self) -> bool:
@@ -90,11 +104,41 @@ class Session:
         """Rank process ids of the live sidecar (empty when none is running)."""
         return self._sidecar.pids if self.alive() else []
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, *, reason: str = "the sidecar was released") -> None:
+        """Stop the sidecar (the next call starts a fresh one and reloads the model). Safe from any thread, also
+        while a call runs on another one: that call is asked to stop (its ranks leave at the next step boundary,
+        it raises Cancelled(reason)); if it has not let go of the session within ABORT_GRACE_S + a margin, its
+        ranks are killed under it. Blocks for that long at most: never call it on an event loop (the ComfyUI
+        routes run it on a worker thread)."""
+        self._abort_reason = reason
+        sidecar = self._sidecar
+        if sidecar is not None:
+            sidecar.request_abort(reason)
+        got = self._lock.acquire(timeout=ABORT_GRACE_S + _CLOSE_MARGIN_S)
+        if not got:
+            sidecar = self._sidecar  # a call still holds the session: stop its ranks under it
+            if sidecar is not None:
+                sidecar.request_abort(reason)
+                sidecar.kill()
+            got = self._lock.acquire(timeout=_CLOSE_WAIT_S)
+        if not got:
+            log.warning("DistDiff: a call still holds the session %g s after %s; its ranks were killed",
+                        ABORT_GRACE_S + _CLOSE_MARGIN_S + _CLOSE_WAIT_S, reason)
+            return
+        try:
             if self._sidecar is not None:
                 self._sidecar.close()
             self._sidecar = None
+        finally:
+            self._abort_reason = None
+            self._lock.release()
+
+    def restart(self) -> None:
+        """Stop the ranks and start fresh ones with the same config and model (a call in progress stops first,
+        as for close). Blocks until the new ranks are ready; run it off the event loop."""
+        self.close(reason="the sidecar was restarted")
+        with self._lock:
+            self.sidecar  # starts the ranks and reloads the model this session had
 
     def _same(self, payload: dict) -> list[dict]:
         return [payload] * self.config.world_size
@@ -132,7 +176,7 @@ class Session:
                 # session holds no model: nothing half-loaded is ever used, and a restart does not reload it.
                 self._model_dir = self._model_info = self._load_message = None
                 self._loras = ()  # the ranks drop LoRAs with the model they belong to
-                sidecar.call("load", self._same(message), should_cancel=should_cancel)
+                sidecar.call(Op.LOAD, self._same(message), should_cancel=should_cancel)
                 self._model_dir, self._model_info, self._load_message = model_dir, info, message
             self.timings.add("load", time.monotonic() - t0)
         return info
@@ -153,7 +197,7 @@ class Session:
                 return specs
             self._loras = None  # unknown until every rank confirms (a failure leaves ranks without LoRAs)
             t0 = time.monotonic()
-            self.sidecar.call("set_loras", self._same({"loras": [s.to_message() for s in specs]}),
+            self.sidecar.call(Op.SET_LORAS, self._same({"loras": [s.to_message() for s in specs]}),
                               should_cancel=should_cancel)
             self._loras = specs
             self.timings.add("lora", time.monotonic() - t0)
@@ -180,7 +224,8 @@ class Session:
             payloads.append({"prompts": prompts[start:stop], "negative_prompt": negative_prompt})
         with self._lock:
             t0 = time.monotonic()
-            results = self.sidecar.call("encode", payloads, should_cancel=should_cancel)
+            results = self.sidecar.call(Op.ENCODE, payloads, should_cancel=should_cancel,
+                                        result_bytes=len(prompts) * EMBED_BYTES_PER_PROMPT)
             self.timings.add("encode", time.monotonic() - t0)
         # Copies: large embeddings view the ranks' shared arenas, which the next call may overwrite.
         embeds = tuple({k: v.clone() for k, v in e.items()} for r in results for e in r["embeds"])
@@ -257,8 +302,10 @@ class Session:
         with self._lock:
             t0 = time.monotonic()
             try:
-                results = self.sidecar.call("denoise", payloads, on_progress=on_progress, on_preview=on_preview,
-                                            should_cancel=should_cancel, stepped=True)
+                results = self.sidecar.call(Op.DENOISE, payloads, on_progress=on_progress, on_preview=on_preview,
+                                            should_cancel=should_cancel, stepped=True,
+                                            result_bytes=len(items) * num_frames * height * width
+                                            * LATENT_BYTES_PER_PIXEL)
             except BaseException:
                 if self._loras:
                     self._loras = None  # a rank that failed applying a LoRA dropped its set (RankEngine._sync_loras)
@@ -284,7 +331,8 @@ class Session:
             payloads.append({"latents": latents[start:stop] if stop > start else None})  # encode copies it
         with self._lock:
             t0 = time.monotonic()
-            results = self.sidecar.call("decode", payloads, should_cancel=should_cancel)
+            results = self.sidecar.call(Op.DECODE, payloads, should_cancel=should_cancel,
+                                        result_bytes=latents[:, 0].numel() * IMAGE_BYTES_PER_LATENT_PIXEL)
             self.timings.add("decode", time.monotonic() - t0)
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)
 
@@ -311,7 +359,7 @@ class Session:
             height, width, num_frames = size["height"], size["width"], size["num_frames"]
             pair_with_images(latent, prompts=len(prompts), images_per_prompt=images_per_prompt)
         check_request(info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
-                      num_frames=num_frames, seed=seed, denoise=denoise)
+                      num_frames=num_frames, seed=seed, denoise=denoise, prompts=len(prompts))
         check_guidance(info, negative_prompt=_negative(negative_prompt), true_cfg_scale=true_cfg_scale,
                        guidance_2=guidance_2)
         lora_specs(loras)
@@ -344,7 +392,7 @@ class Session:
             raise ConfigError(f"conditioning was encoded for {cond.model_dir}, but this session has {self._model_dir} "
                               "loaded; encode the prompts again with this pipeline")
         check_request(self._model_info, steps=steps, height=height, width=width, images_per_prompt=images_per_prompt,
-                      num_frames=num_frames, seed=seed, denoise=denoise)
+                      num_frames=num_frames, seed=seed, denoise=denoise, prompts=len(cond.prompts))
         if self.config.cp_degree == 1:
             return {}
         adapter = adapter_for(self._model_info["family"])
@@ -395,7 +443,7 @@ def check_guidance(info: dict[str, Any], *, negative_prompt: str | None, true_cf
 
 
 def check_request(info: dict[str, Any], *, steps, height, width, images_per_prompt, num_frames, seed,
-                  denoise: float = 1.0) -> None:
+                  denoise: float = 1.0, prompts: int = 1) -> None:
     """The denoise arguments against the model's configs (`pipelines.read_model_config`); needs no rank."""
     from .pipelines import adapter_for
 
@@ -407,6 +455,11 @@ def check_request(info: dict[str, Any], *, steps, height, width, images_per_prom
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) or not 0.0 < denoise <= 1.0:
         raise ConfigError(f"denoise must be a number in (0, 1], got {denoise!r}")
+    last = seed + prompts * images_per_prompt - 1
+    if last > SEED_MAX:
+        raise ConfigError(f"image j uses seed + j: seed ({seed}) + prompts ({prompts}) × images_per_prompt "
+                          f"({images_per_prompt}) − 1 = {last} is over 2^64 − 1 = {SEED_MAX}, the largest seed torch "
+                          f"takes; use a seed ≤ {SEED_MAX - prompts * images_per_prompt + 1}")
     adapter = adapter_for(info["family"])
     adapter.check_size(info, height=height, width=width, num_frames=num_frames)
     adapter.check_denoise(float(denoise))
@@ -438,10 +491,13 @@ def current_session() -> Session | None:
     return _current
 
 
-def shutdown_all() -> None:
-    """Stop the live sidecar (ComfyUI's release node and process exit call this)."""
+def shutdown_all(*, reason: str = "the sidecar was released") -> None:
+    """Stop the live sidecar (ComfyUI's release node and route, and process exit, call this). A call running on
+    another thread stops with Cancelled(reason) (see Session.close); blocks a few seconds at most, so the routes
+    run it off ComfyUI's event loop. Holds the registry meanwhile: a new session starts only once the old ranks
+    are gone (their GPUs free)."""
     global _current
     with _registry_lock:
         if _current is not None:
-            _current.close()
+            _current.close(reason=reason)
         _current = None

@@ -66,6 +66,29 @@ def resolve_model(name: str, path: str) -> str:
                      "put the diffusers folder there or give its absolute path in model_path")
 
 
+def folder_fingerprint(model_dir: str) -> str:
+    """Names, sizes and modification times of a diffusers folder's files (top level and one level down: the
+    component folders), so replacing a weights file changes it. Stats only: cheap enough for every queue."""
+    entries = []
+    for root, dirs, files in os.walk(model_dir, followlinks=True):
+        depth = os.path.relpath(root, model_dir).count(os.sep) + (root != model_dir)
+        if depth >= 1:
+            dirs.clear()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            entries.append(f"{os.path.relpath(os.path.join(root, name), model_dir)}:{st.st_size}:{st.st_mtime_ns}")
+    return f"{os.path.realpath(model_dir)}|" + "|".join(sorted(entries))
+
+
+def files_fingerprint(paths: list[str]) -> str:
+    """Like folder_fingerprint, for single model files: path, size and modification time of each."""
+    entries = []
+    for path in paths:
+        st = os.stat(path)
+        entries.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(entries)
+
+
 def lora_names() -> list[str]:
     """LoRA files in ComfyUI's models/loras folders (ComfyUI's own list, as its LoraLoader shows it)."""
     import folder_paths

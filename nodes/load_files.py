@@ -4,7 +4,7 @@ and vae), with the same parallel settings as LoadSharded; outputs the same DISTD
 from __future__ import annotations
 
 from . import parallel_inputs
-from .common import CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, run_cancellable
+from .common import CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, files_fingerprint, run_cancellable
 
 NONE = "none"
 # ComfyUI's folder names for each kind of file; older ComfyUI versions know only the second of a pair.
@@ -90,8 +90,14 @@ class LoadFiles:
         }
 
     @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return parallel_inputs.sidecar_state()
+    def IS_CHANGED(cls, diffusion_model, text_encoder_1, text_encoder_2, vae, **kwargs):
+        # As LoadSharded.IS_CHANGED: the output changes with the inputs and the files' contents, not the sidecar.
+        try:
+            return files_fingerprint([full_path("diffusion", diffusion_model), full_path("text", text_encoder_1),
+                                      full_path("vae", vae),
+                                      *([full_path("text", text_encoder_2)] if text_encoder_2 != NONE else [])])
+        except Exception:  # noqa: BLE001 - a missing file: load() raises the clear ModelError
+            return float("nan")
 
     def load(self, family, diffusion_model, text_encoder_1, text_encoder_2, vae, weights, tokenizers_path="",
              configs_path="", **settings):

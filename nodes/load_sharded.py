@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from . import parallel_inputs
-from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, list_models, resolve_model,
-                     run_cancellable)
+from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, folder_fingerprint, list_models,
+                     resolve_model, run_cancellable)
 
 
 class LoadSharded:
@@ -33,8 +33,15 @@ class LoadSharded:
         }
 
     @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return parallel_inputs.sidecar_state()
+    def IS_CHANGED(cls, model, model_path="", **kwargs):
+        # The output (a PipelineHandle: config, folder, family) changes only with the inputs, which ComfyUI compares
+        # itself, and with the folder's files. Not with the sidecar: downstream nodes get the live session from the
+        # handle (PipelineHandle.session restarts a dead or released sidecar), and the cached embeddings and latents
+        # are plain CPU data that stay valid, so a restart must not re-run them.
+        try:
+            return folder_fingerprint(resolve_model(model, model_path))
+        except Exception:  # noqa: BLE001 - a missing folder: load() raises the clear ModelError
+            return float("nan")
 
     def load(self, model, model_path="", **settings):
         from ..dist_backend.session import get_session

@@ -57,12 +57,3 @@ def session_config(settings: dict):
                          dtype=dtype, offload=s["offload"], gpus_per_rank=s["gpus_per_rank"],
                          device_map=s["device_map"], max_memory=s["max_memory"].strip(),
                          attention_backend=s["attention_backend"].strip())
-
-
-def sidecar_state() -> str:
-    """IS_CHANGED value of a loader: re-run when the sidecar died or was replaced, so ComfyUI's cache never hands
-    out a stale pipeline."""
-    from ..dist_backend.session import current_session
-
-    session = current_session()
-    return f"{id(session)}:{session.starts if session else 0}:{session.alive() if session else False}"

@@ -230,3 +230,60 @@ def test_comfyui_shutdown_stops_every_rank(comfy_server_factory, models_root):
     srv.stop()
     gone, alive = psutil.wait_procs(ranks, timeout=10)
     assert not alive, f"ranks outlived ComfyUI: {[p.pid for p in alive]}"
+
+
+def _post_timed(server, path: str) -> tuple[dict, float]:
+    t0 = time.monotonic()
+    answer = json.loads(server._http("POST", path, {}))
+    return answer, time.monotonic() - t0
+
+
+def test_release_during_a_long_denoise_answers_at_once_and_stops_every_rank(server):
+    """The release route used to stop the ranks inside ComfyUI's event loop, waiting for the session that the
+    running denoise holds: the web server (and its Cancel button) froze until the denoise ended. Now the route
+    asks the call to stop and stops the ranks on a worker thread: it answers at once, the prompt ends with a clear
+    error, and no rank is left."""
+    long = load("ulysses.api.json")
+    # 64 images × 1000 steps (the inputs' maxima): minutes of work, so the release lands in the middle of it.
+    long[node_id(long, "ParallelDenoise")]["inputs"].update(steps=1000, images_per_prompt=64, seed=7)
+    prompt_id = server.queue(long)
+    server.wait_event(prompt_id, "progress", timeout=120)
+    ranks = _ranks_of(server)
+    answer, seconds = _post_timed(server, "/distdiff/release")
+    print(f"\n[measured] POST /distdiff/release during a denoise answered in {seconds:.3f} s: {answer}")
+    assert seconds < 1.0 and answer == {"releasing": True}
+    events = server.wait(prompt_id, timeout=60)
+    kinds = [e["type"] for e in events]
+    errors = [e["data"] for e in events if e["type"] == "execution_error"]
+    assert errors or "execution_interrupted" in kinds, kinds
+    if errors:
+        assert errors[0]["node_type"] == "ParallelDenoise" and "released" in errors[0]["exception_message"], errors
+    assert ranks and not wait_no_ranks(timeout=15), "ranks left after the release"
+    _, events = server.run(load("ulysses.api.json"), timeout=180)  # the next prompt starts a fresh sidecar
+    assert "execution_error" not in [e["type"] for e in events]
+
+
+def test_an_identical_prompt_after_a_restart_reuses_the_cached_outputs(server):
+    """Embeddings and latents are plain CPU data that stay valid across a sidecar restart: LoadSharded's IS_CHANGED
+    follows its inputs and folder only, so the same prompt after POST /distdiff/restart is served from ComfyUI's
+    cache (nothing of ours re-runs) and the restarted ranks are left alone."""
+    prompt = load("ulysses.api.json")
+    prompt[node_id(prompt, "ParallelDenoise")]["inputs"]["seed"] = 99
+    server.run(prompt, timeout=180)
+    before = _ranks_of(server)
+    answer, seconds = _post_timed(server, "/distdiff/restart")
+    print(f"\n[measured] POST /distdiff/restart answered in {seconds:.3f} s: {answer}")
+    assert seconds < 1.0 and answer == {"restarting": True}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the restart runs on a worker thread: wait for the new ranks to be ready
+        status = json.loads(server._http("GET", "/distdiff/status"))
+        if status.get("running") and set(status["pids"]).isdisjoint(before):
+            break
+        time.sleep(0.2)
+    restarted = _ranks_of(server)
+    assert restarted and restarted.isdisjoint(before), "the restart did not replace the ranks"
+    _, events = server.run(prompt, timeout=180)
+    ran = {e["data"].get("node") for e in events if e["type"] == "executing"} - {None}
+    ours = {node_id(prompt, t) for t in ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE")}
+    assert not ran & ours, f"nodes re-ran after a restart: {sorted(ran & ours)}"
+    assert _ranks_of(server) == restarted
