@@ -28,12 +28,14 @@ def one_round(args, model_dir: str, settings: dict, prompt: str) -> dict:
     from diffusers import DiffusionPipeline
 
     from dist_backend import Session, SessionConfig
+    from dist_backend.latent_format import latent_format
     from dist_backend.pipelines.base import ImageRequest
     from dist_backend.pipelines.flux import FluxAdapter
 
     pipe = DiffusionPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     adapter, request = FluxAdapter(), ImageRequest(**settings)
+    fmt = latent_format({"family": "flux", "components": {"vae": dict(pipe.vae.config)}})
     session = Session(SessionConfig(world_size=1, threads_per_rank=args.threads))
     out: dict[str, torch.Tensor] = {}
     cpu: dict[str, list[float]] = {"sidecar": [], "in_process": []}
@@ -50,7 +52,8 @@ def one_round(args, model_dir: str, settings: dict, prompt: str) -> dict:
             c0 = time.process_time()
             with torch.inference_mode():
                 latents = adapter.reference(pipe, prompt=prompt, negative_prompt=None, request=request)
-                out["in_process"] = adapter.decode(pipe, latents=latents, device=torch.device("cpu"))
+                raw = fmt.process_out(latents)  # the in-process run decodes the same raw latent the session does
+                out["in_process"] = adapter.decode(pipe, latents=raw, device=torch.device("cpu"))
             cpu["in_process"].append(time.process_time() - c0)
 
         before = dict(session.timings.stages)

@@ -13,6 +13,8 @@ _EXPORTS = {
     "DType": "config",
     "Offload": "config",
     "DeviceMapPolicy": "config",
+    "ModelFiles": "files",
+    "WeightStorage": "files",
     "Session": "session",
     "Conditioning": "session",
     "get_session": "session",

@@ -1,8 +1,10 @@
 """Authenticated, framed TCP channel between the host and each rank.
 
 Why our own and not `multiprocessing.connection`: its `recv()` unpickles, its handshake blocks forever on a silent
-peer, and it has no deadlines. Here every read has a deadline, the peer must prove the per-session secret with an
-HMAC challenge before a single byte it sends is decoded, and frames are decoded by `protocol` (no pickle).
+peer, and it has no deadlines. Here every read and every write can have a deadline, the peer must prove the
+per-session secret with an HMAC challenge before a single byte it sends is decoded, and frames are decoded by
+`protocol` (no pickle). Waits use `poll`, not `select`: a busy ComfyUI can hold more than 1024 descriptors, and
+`select` fails on a descriptor numbered above that.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import hmac
 import os
 import select
+import threading
 import socket
 import struct
 import time
@@ -20,6 +23,7 @@ from .errors import ProtocolError
 _LEN = struct.Struct("<Q")
 NONCE_BYTES = 32
 MAX_FRAME_BYTES = 8 * 1024**3  # 8 GiB: far above any latent/image batch, but bounds what a peer can make us allocate
+_CHUNK = 1 << 24
 _HELLO = b"DISTDIFF-HELLO-1"
 
 
@@ -28,7 +32,11 @@ class ChannelClosed(ProtocolError):
 
 
 class ChannelTimeout(ProtocolError, TimeoutError):
-    """No complete frame arrived before the deadline."""
+    """No complete frame arrived (or left) before the deadline."""
+
+
+class FrameTooLarge(ProtocolError):
+    """The peer announced a frame over the receiver's limit; nothing of it was read."""
 
 
 def new_secret() -> bytes:
@@ -39,8 +47,26 @@ def _mac(secret: bytes, nonce: bytes, role: bytes) -> bytes:
     return hmac.new(secret, role + nonce, hashlib.sha256).digest()
 
 
+def wait_readable(socks, timeout: float) -> list:
+    """The objects of `socks` (each with fileno()) readable now or within `timeout` seconds (EOF counts)."""
+    poller = select.poll()
+    by_fd = {}
+    for sock in socks:
+        by_fd[sock.fileno()] = sock
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    events = poller.poll(max(0, int(timeout * 1000 + 0.999)))  # ms, rounded up: never busy-loop on 0 < t < 1 ms
+    return [by_fd[fd] for fd, _ in events if fd in by_fd]
+
+
+def _wait_writable(sock: socket.socket, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(max(0, int(timeout * 1000 + 0.999))))
+
+
 class Channel:
-    """One connected socket carrying length-prefixed frames."""
+    """One connected socket carrying length-prefixed frames. `send` may be called from two threads (a rank's
+    main thread and its heartbeat thread): whole frames never interleave."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(True)
@@ -51,32 +77,62 @@ class Channel:
             pass
         self.sock = sock
         self._buf = bytearray()
+        self._send_lock = threading.Lock()
+        self.max_frame_bytes = MAX_FRAME_BYTES
+        """Largest frame `recv` accepts; the host lowers it per call to what the call's result can need."""
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, frame: bytes) -> None:
-        try:
-            self.sock.sendall(_LEN.pack(len(frame)) + frame if len(frame) < 65536 else _LEN.pack(len(frame)))
-            if len(frame) >= 65536:
-                self.sock.sendall(frame)
-        except OSError as exc:
-            raise ChannelClosed(f"send failed: {exc}") from None
+    def send(self, frame: bytes, *, timeout: float | None = None) -> None:
+        """Send one whole frame. With `timeout`, raise ChannelTimeout when the peer has not taken it within that
+        many seconds (a stopped peer whose socket buffer is full never does); the channel is then unusable (part
+        of a frame may have gone out). None blocks until sent (a rank writing to its host)."""
+        header = _LEN.pack(len(frame))
+        parts = [header + frame] if len(frame) < 65536 else [header, frame]
+        with self._send_lock:
+            try:
+                if timeout is None:
+                    for part in parts:
+                        self.sock.sendall(part)
+                else:
+                    deadline = time.monotonic() + timeout
+                    for part in parts:
+                        self._send_by(part, deadline)
+            except ChannelTimeout:
+                raise  # a TimeoutError, hence an OSError: not a closed channel
+            except OSError as exc:
+                raise ChannelClosed(f"send failed: {exc}") from None
+
+    def _send_by(self, data, deadline: float) -> None:
+        view = memoryview(data).cast("B")
+        sent = 0
+        while sent < len(view):
+            try:
+                # MSG_DONTWAIT: the socket stays blocking for the rank's idle recv, this one write does not block.
+                sent += self.sock.send(view[sent:sent + _CHUNK], socket.MSG_DONTWAIT)
+                continue
+            except BlockingIOError:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _wait_writable(self.sock, remaining):
+                raise ChannelTimeout(f"the peer took {sent}/{len(view)} bytes of a frame before the send deadline")
 
     def poll(self, timeout: float = 0.0) -> bool:
         """True when at least part of a frame (or EOF) is readable now or within `timeout` seconds."""
         if self._buf:
             return True
-        readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
-        return bool(readable)
+        return bool(wait_readable([self.sock], timeout))
 
     def recv(self, *, timeout: float | None) -> bytes:
         """The next whole frame. `timeout` None waits forever (only for a rank idling between calls)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         header = self._read_exact(_LEN.size, deadline)
         (length,) = _LEN.unpack(header)
-        if length > MAX_FRAME_BYTES:
-            raise ProtocolError(f"peer announced a {length}-byte frame, over the {MAX_FRAME_BYTES}-byte limit")
+        if length > self.max_frame_bytes:
+            # Refused before a byte of it is allocated or read: the stream is out of step, so the caller drops us.
+            raise FrameTooLarge(f"peer announced a {length}-byte frame, over this call's {self.max_frame_bytes}-byte "
+                                "limit (SessionConfig.max_frame_bytes)")
         return self._read_exact(length, deadline)
 
     def _read_exact(self, n: int, deadline: float | None) -> bytes:
@@ -86,10 +142,10 @@ class Channel:
         while got < n:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+                if remaining <= 0 or not wait_readable([self.sock], remaining):
                     raise ChannelTimeout(f"no complete frame within the deadline ({got}/{n} bytes read)")
             try:
-                k = self.sock.recv_into(view[got:], min(n - got, 1 << 24))
+                k = self.sock.recv_into(view[got:], min(n - got, _CHUNK))
             except OSError as exc:
                 raise ChannelClosed(f"receive failed: {exc}") from None
             if k == 0:
@@ -178,7 +234,7 @@ class Listener:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+            if remaining <= 0 or not wait_readable([self.sock], remaining):
                 raise ChannelTimeout("no rank connected before the deadline")
             conn, _ = self.sock.accept()
             try:

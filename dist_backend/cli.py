@@ -1,4 +1,4 @@
-"""Command line: generate, make-tiny, demo. Prints one JSON summary line on stdout; logs go to stderr."""
+"""Command line: generate, plan, make-tiny, demo. Prints one JSON summary line on stdout; logs go to stderr."""
 
 from __future__ import annotations
 
@@ -23,6 +23,22 @@ def _config_from_args(args: argparse.Namespace):
         offload=args.offload, threads_per_rank=args.threads_per_rank, compile=args.compile, cache=args.cache,
         cache_threshold=args.cache_threshold,
     )
+
+
+def _model_from_args(args: argparse.Namespace):
+    """A diffusers folder (--model) or single files (--files with --family)."""
+    from .errors import ConfigError
+    from .files import ModelFiles, parse_files_arg
+
+    if args.files is None:
+        for flag in ("family", "tokenizers", "configs"):
+            if getattr(args, flag):
+                raise ConfigError(f"--{flag} goes with --files (single files); a --model folder has its own")
+        return args.model
+    if not args.family:
+        raise ConfigError("--files needs --family (e.g. --family flux)")
+    return ModelFiles(family=args.family, **parse_files_arg(args.files), tokenizers=args.tokenizers or "",
+                      configs=args.configs or "", weights=args.weights)
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -51,33 +67,60 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .images import image_names, save_pngs
+    from .latent_file import read_latent_file, write_latent_file
     from .session import Session
 
-    config = _config_from_args(args)  # validated here, before any rank starts
+    plan = None
+    if args.auto:  # the planner fills the degrees (validated, and the plan checked, before any rank starts)
+        from .planning.command import auto_session_config
+
+        config, plan = auto_session_config(args)
+    else:
+        config = _config_from_args(args)  # validated here, before any rank starts
+    model = _model_from_args(args)
+    init = read_latent_file(args.init_latent) if args.init_latent else None
     session = Session(config)
     t0 = time.monotonic()
     try:
         latents, images = session.generate(
-            model_dir=args.model, prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+            model_dir=model, prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-            images_per_prompt=args.images_per_prompt, num_frames=args.num_frames, true_cfg_scale=args.true_cfg,
+            images_per_prompt=args.images_per_prompt, num_frames=args.num_frames, latent=init, denoise=args.denoise,
+            loras=args.lora, true_cfg_scale=args.true_cfg, guidance_2=args.guidance_2,
         )
     finally:
         session.close()
-    names = image_names(num_images=latents.shape[0], frames=args.num_frames)
+    frames = images.shape[0] // latents.shape[0]  # a latent's size wins over --num-frames
+    names = image_names(num_images=latents.shape[0], frames=frames)
     paths = save_pngs(images, args.out, names=names)
     if args.save_tensors:
         import torch
 
         torch.save({"latents": latents, "images": images}, Path(args.out) / "tensors.pt")
+    latent_path = str(write_latent_file(Path(args.out) / "latents.latent", latents)) if args.save_latent else None
     summary = {
         "strategy": config.strategy, "ranks": config.world_size, "device": config.device.value,
         **session.last_run,  # cfg degree, compile and graphs compiled, cache and forwards skipped
         "seconds": {**session.timings.stages, "total": round(time.monotonic() - t0, 4)},
-        "images": paths,
+        "loras": [[spec.path, spec.strength] for spec in session.loras],
+        "images": paths, **({"latent": latent_path} if latent_path else {}),
     }
+    if plan is not None:
+        summary["plan"] = plan.to_dict()
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """`FILE[:STRENGTH]` -> (FILE, STRENGTH); the strength defaults to 1.0 and may be negative. Only a suffix
+    that parses as a number is a strength, so paths with colons work."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -99,26 +142,63 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="run a local diffusers pipeline over N rank processes")
-    gen.add_argument("--model", required=True, help="diffusers model folder (model_index.json inside)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="diffusers model folder (model_index.json inside)")
+    source.add_argument("--files", help="single files instead of a folder: transformer=PATH,text_encoder=PATH,"
+                                        "text_encoder_2=PATH,vae=PATH (ComfyUI's diffusion_models / text_encoders / "
+                                        "vae files, fp16 or fp8)")
+    gen.add_argument("--family", default=None, help="family of the --files (flux)")
+    gen.add_argument("--tokenizers", default=None,
+                     help="with --files: a ComfyUI folder (its comfy/ tokenizers) or a diffusers folder to take the "
+                          "tokenizers from (default: --configs)")
+    gen.add_argument("--configs", default=None,
+                     help="with --files: a diffusers-layout folder with the architecture configs (default: the "
+                          "configs shipped for the model)")
+    gen.add_argument("--weights", default="compute", choices=["compute", "fp8"],
+                     help="with --files: transformer weights in the compute dtype, or kept in fp8 (layerwise casting)")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--negative-prompt", default=None,
+                     help="used by Qwen-Image and Wan CFG and by Flux true CFG; kept verbatim (\" \" is one)")
     gen.add_argument("--seed", type=int, default=0, help="image j (prompt-major) uses seed + j")
     gen.add_argument("--images-per-prompt", type=int, default=1)
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance", type=float, default=3.5)
+    gen.add_argument("--guidance", type=float, default=3.5,
+                     help="Flux: embedded guidance; Qwen-Image: true CFG scale; Wan: CFG scale")
     gen.add_argument("--true-cfg", type=float, default=1.0,
-                     help="Flux only: true CFG scale with the negative prompt (> 1 = on; doubles the transformer work)")
+                     help="Flux only: true CFG scale (> 1 needs --negative-prompt; doubles the transformer calls)")
+    gen.add_argument("--guidance-2", type=float, default=None,
+                     help="Wan 2.2 A14B only: CFG scale of the low-noise expert (default: --guidance)")
     gen.add_argument("--height", type=int, default=1024)
     gen.add_argument("--width", type=int, default=1024)
     gen.add_argument("--num-frames", type=int, default=1, help="frames for a video family (Wan: 4k+1)")
+    gen.add_argument("--lora", action="append", default=[], type=parse_lora, metavar="FILE[:STRENGTH]",
+                     help="a LoRA .safetensors file and its strength (default 1.0, may be negative); repeat to "
+                          "chain several")
     gen.add_argument("--out", required=True, help="folder for the PNGs")
     gen.add_argument("--save-tensors", action="store_true",
                      help="also write tensors.pt: the latents and the float images before PNG rounding")
+    gen.add_argument("--save-latent", action="store_true",
+                     help="also write latents.latent, ComfyUI's Save Latent format (raw VAE space; Load Latent reads it)")
+    gen.add_argument("--init-latent", default=None, metavar="FILE.latent",
+                     help="start from this ComfyUI .latent file (Save Latent, or --save-latent); its size wins over "
+                          "--height/--width/--num-frames; one latent for every image or one per image")
+    gen.add_argument("--denoise", type=float, default=1.0,
+                     help="with --init-latent: img2img strength in (0, 1] (diffusers' strength; 1.0 = from noise)")
     add_parallel_args(gen)
+    gen.add_argument("--auto", action="store_true",
+                     help="let the planner choose dp, ring, ulysses and gpus_per_rank for --world-size devices "
+                          "(degrees given with other than their default are kept); the plan goes into the summary")
     gen.set_defaults(func=cmd_generate)
 
+    from .planning.command import add_plan_args, cmd_plan
+
+    plan = sub.add_parser("plan", help="print the parallel layout for a model and GPUs, starting nothing")
+    add_plan_args(plan)
+    plan.set_defaults(func=cmd_plan)
+
     tiny = sub.add_parser("make-tiny", help="build a tiny random-weight pipeline offline")
-    tiny.add_argument("--family", required=True, choices=["flux", "qwenimage", "wan"])
+    tiny.add_argument("--family", required=True, choices=["flux", "qwenimage", "wan", "wan22"],
+                      help="wan22: Wan with two experts (transformer_2, boundary_ratio) like Wan 2.2 A14B")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny)

@@ -49,6 +49,16 @@ class DeviceMapPolicy(str, enum.Enum):
     AUTO = "auto"  # like balanced, but fill GPUs in order
 
 
+class WireEnum(str, enum.Enum):
+    """A closed set of names that cross process boundaries (message kinds, events, CP modes): a member is written as
+    its plain string (JSON writes a str subclass as its text), compares and hashes equal to it and prints as it, so
+    the wire format is the string and what arrives on the other side is a plain str."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__
+
+
 def _enum(cls: type[enum.Enum], value: Any, name: str) -> Any:
     if isinstance(value, cls):
         return value
@@ -107,7 +117,12 @@ class SessionConfig:
     call_timeout_s: float = 3600.0
     """Deadline for one whole call (load, encode, denoise or decode)."""
     heartbeat_timeout_s: float = 120.0
-    """Longest silence allowed from a rank inside a call (a denoise step, a component load) before it counts as hung."""
+    """Longest silence allowed from a rank inside a call before it counts as stopped (every rank beats from a thread
+    a few times per this period in every stage, however long a load takes), and, in a denoise, the longest time
+    between two steps outside a weights load before it counts as hung. Also the deadline of every host-side send."""
+    max_frame_bytes: int = 0
+    """Largest message the host accepts from a rank. 0 = sized per call from the largest result it can produce
+    (images of a decode, latents of a denoise, embeddings of an encode) plus 16 MiB for control messages."""
     env: tuple[tuple[str, str], ...] = field(default=())
     """Extra environment variables for the rank processes."""
 
@@ -189,6 +204,8 @@ class SessionConfig:
         if self.cache is not CacheMode.NONE and self.compile is Compile.REGIONAL:
             raise ConfigError(f"cache={self.cache.value!r} with compile='regional' is not supported yet (not proven "
                               "equal to one process); use one of them")
+        if type(self.max_frame_bytes) is not int or self.max_frame_bytes < 0:
+            raise ConfigError(f"max_frame_bytes must be an integer ≥ 0 (0 = sized per call), got {self.max_frame_bytes!r}")
         if self.threads_per_rank < 0:
             raise ConfigError(f"threads_per_rank must be ≥ 0 (0 = automatic), got {self.threads_per_rank}")
 

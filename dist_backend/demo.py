@@ -18,21 +18,24 @@ def default_cache() -> Path:
 
 def reference_latents(model_dir: Path, prompts: tuple[str, ...], *, seed: int, steps: int, guidance: float,
                       height: int, width: int):
-    """The plain diffusers pipeline in this process, one call per image with its own seed (the seed contract)."""
+    """The plain diffusers pipeline in this process, one call per image with its own seed (the seed contract), as a
+    ComfyUI LATENT."""
     import torch
     from diffusers import DiffusionPipeline
 
+    from .latent_format import latent_format
     from .pipelines import adapter_for, read_model_config
     from .pipelines.base import ImageRequest
 
-    adapter = adapter_for(read_model_config(str(model_dir))["family"])
+    info = read_model_config(str(model_dir))
+    adapter = adapter_for(info["family"])
     pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     out = []
     for j, prompt in enumerate(prompts):
         request = ImageRequest(seed=seed + j, steps=steps, guidance=guidance, height=height, width=width)
         out.append(adapter.reference(pipe, prompt=prompt, negative_prompt=None, request=request))
-    return torch.cat(out)
+    return latent_format(info).process_out(torch.cat(out))  # ComfyUI's LATENT convention, as the session returns
 
 
 def run_demo(*, out_dir: str | Path, cache_dir: str | Path | None = None) -> int:

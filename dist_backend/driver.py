@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import itertools
 import logging
-import select
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import launcher, protocol
-from .channel import ChannelClosed, ProtocolError
+from .channel import ChannelClosed, ChannelTimeout, FrameTooLarge, ProtocolError, wait_readable
 from .config import SessionConfig
 from .errors import REMOTE_TYPES, Cancelled, RankDied, RankError, RankTimeout, SidecarError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+# Gets the leader's preview latent (a small CPU float16 tensor, see FamilyAdapter.denoise) just before the progress
+# call of the same step, so a host can show both together (ComfyUI: ProgressBar.update_absolute(value, total, image)).
+PreviewFn = Callable[["torch.Tensor"], None]
 CancelFn = Callable[[], bool]
 # After one rank fails, how long the others get to reach a step boundary and answer before we call them stuck
 # (capped at heartbeat_timeout_s: peers of a failed rank in a CP group wait in a collective that never completes).
@@ -27,8 +34,16 @@ FAILURE_GRACE_S = 5.0
 # long it may still run before every rank is stopped instead. A load is cut short: a half-loaded model is worth
 # nothing and the next load starts over anyway. Encode and decode take seconds and may finish: stopping the ranks
 # would throw the loaded model away and cost a full reload. Tests lower these to exercise both outcomes.
-CANCEL_GRACE_S = {"load": 1.0}
+CANCEL_GRACE_S = {protocol.Op.LOAD: 1.0}
 CANCEL_GRACE_DEFAULT_S = 30.0
+# After a release or restart asks a running call to stop (Sidecar.request_abort, from another thread), how long the
+# ranks get to leave at their next step boundary before every rank is stopped instead.
+ABORT_GRACE_S = 1.0
+# How long the host waits to hand a rank a cancel or shutdown frame. Tiny frames: only a rank that stopped reading
+# with a full socket buffer (stopped, or hung for long) takes longer, and the heartbeat deadline judges that one.
+_CONTROL_SEND_S = 1.0
+# Frame limit of a call whose caller gave no result size (load, ping, unload): control messages, error tracebacks.
+CONTROL_FRAME_BYTES = 16 * 1024 * 1024 + 65536
 # How long a rank whose channel closed gets to be reaped, so the error can name it and its exit code or signal.
 _EXIT_WAIT_S = 2.0
 _POLL_S = 0.05
@@ -44,6 +59,7 @@ class Sidecar:
         self.broken = False
         self._closed = False
         self._settled = True  # every rank has answered the current call (so the ranks are idle and consistent)
+        self._abort_reason: str | None = None  # set by request_abort, from any thread
         self.calls = 0
 
     @property
@@ -61,33 +77,53 @@ class Sidecar:
     def alive(self) -> bool:
         return not self.broken and not self._closed and all(p.popen.poll() is None for p in self._launched.processes)
 
+    def request_abort(self, reason: str) -> None:
+        """Ask the call in progress (if any; it runs on another thread) to stop: the ranks get a cancel and leave at
+        their next step boundary, and within ABORT_GRACE_S the call raises Cancelled(reason), having stopped every
+        rank if they did not leave. Only sets a flag: safe from any thread, never blocks (ComfyUI's event loop
+        calls it through Session.close)."""
+        self._abort_reason = reason
+
     def call(
-        self, op: str, payloads: list[dict[str, Any]], *, on_progress: ProgressFn | None = None,
-        should_cancel: CancelFn | None = None, stepped: bool = False,
+        self, op: protocol.Op, payloads: list[dict[str, Any]], *, on_progress: ProgressFn | None = None,
+        on_preview: PreviewFn | None = None, should_cancel: CancelFn | None = None, stepped: bool = False,
+        result_bytes: int | None = None,
     ) -> list[Any]:
         """Send `op` with payloads[r] to rank r; return every rank's result, in rank order. Large result tensors
         view the rank's shared arena and stay valid only until the next call: copy what you keep.
-        `stepped` calls send progress after each step, so silence longer than heartbeat_timeout_s means a hang."""
+        Every rank beats while it works, so silence longer than heartbeat_timeout_s means a stopped rank in every
+        stage. `stepped` calls also report each step: no step (and no weights being loaded) for that long means a
+        rank hung between steps (in a collective, say). `result_bytes` bounds one rank's answer: no frame above
+        it (or SessionConfig.max_frame_bytes when set) is ever allocated."""
         if not self.alive():
             raise SidecarError("the sidecar is not running (a rank died or it was closed); start a new session")
+        if self._abort_reason is not None:
+            raise Cancelled(f"{op} not started: {self._abort_reason}")
         if len(payloads) != self.config.world_size:
             raise AssertionError(f"{len(payloads)} payloads for {self.config.world_size} ranks")
+        cfg = self.config
         call_id = next(self._ids)
         self.calls += 1
         # Encode every frame before sending any: a payload that cannot cross must not leave some ranks mid-call.
         frames = [protocol.encode({**payload, "op": op, "id": call_id}) for payload in payloads]
+        limit = cfg.max_frame_bytes or max(CONTROL_FRAME_BYTES, CONTROL_FRAME_BYTES + (result_bytes or 0))
         self._settled = False
         procs = self._launched.processes
         try:
             for proc, frame in zip(procs, frames):
+                proc.channel.max_frame_bytes = limit
                 try:
-                    proc.channel.send(frame)
+                    proc.channel.send(frame, timeout=cfg.heartbeat_timeout_s)
+                except ChannelTimeout:  # a stopped rank whose socket buffer is full takes nothing
+                    self.broken = True
+                    raise RankTimeout(rank=proc.rank, phase=f"{op} (sending the call)", seconds=cfg.heartbeat_timeout_s,
+                                      setting="heartbeat_timeout_s") from None
                 except ChannelClosed:  # the rank died between calls
                     self.broken = True
                     raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
                                    detail=proc.log_tail()) from None
-            return self._collect(op, call_id, on_progress, should_cancel, stepped)
-        except BaseException:
+            return self._collect(op, call_id, on_progress, on_preview, should_cancel, stepped)
+        except BaseException as exc:
             # Whatever left a rank mid-call (a rank died, hung, broke the protocol, a stage was cut short, or the host
             # itself was interrupted while waiting) leaves the process group unusable: stop every rank now so
             # nothing waits in a collective, and let the next call start a fresh sidecar. Errors raised after every
@@ -95,19 +131,33 @@ class Sidecar:
             if self.broken or not self._settled:
                 self.broken = True
                 self.close()
+            if self._abort_reason is not None and isinstance(exc, (SidecarError, ProtocolError)):
+                # Ranks killed by a release that could not wait: say so, not "rank 0 died".
+                raise Cancelled(f"{op} stopped: {self._abort_reason}") from exc
             raise
 
-    def _collect(self, op, call_id, on_progress, should_cancel, stepped) -> list[Any]:
+    def kill(self) -> None:
+        """SIGKILL every rank now, from any thread (a release that cannot wait for the running call): the call's
+        own thread then sees the ranks gone, stops the rest and raises."""
+        for proc in self._launched.processes:
+            try:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _collect(self, op, call_id, on_progress, on_preview, should_cancel, stepped) -> list[Any]:
         cfg = self.config
         procs = self._launched.processes
         results: dict[int, Any] = {}
         errors: dict[int, dict] = {}  # in arrival order: the first is the root cause, later ones its consequences
         progress: dict[int, tuple[int, int]] = {}
         start = time.monotonic()
-        last_heard = {p.rank: start for p in procs}
+        last_heard = {p.rank: start for p in procs}  # any frame: the rank process runs (its beat thread beats)
+        last_step = {p.rank: start for p in procs}  # stepped calls: a step, or a beat that says weights are loading
         cancel_sent = False
         failure_at: float | None = None  # when the first error arrived
         cancelled_at: float | None = None  # when the caller's should_cancel first said True
+        aborted_at: float | None = None  # when request_abort (release / restart) was first seen
         failure_grace = min(FAILURE_GRACE_S, cfg.heartbeat_timeout_s)
         cancel_grace = CANCEL_GRACE_S.get(op, CANCEL_GRACE_DEFAULT_S)
         # An exception raised by the caller's own hooks (ComfyUI's progress bar raises its interrupt exception
@@ -115,8 +165,10 @@ class Sidecar:
         hook_error: BaseException | None = None
         while len(results) + len(errors) < len(procs):
             now = time.monotonic()
+            if aborted_at is None and self._abort_reason is not None:
+                aborted_at = now
             if not cancel_sent:
-                wants_cancel = bool(errors) or hook_error is not None
+                wants_cancel = bool(errors) or hook_error is not None or aborted_at is not None
                 if not wants_cancel and should_cancel is not None:
                     try:
                         wants_cancel = bool(should_cancel())
@@ -133,6 +185,10 @@ class Sidecar:
                 if code is not None:
                     self.broken = True
                     raise RankDied(rank=proc.rank, phase=op, returncode=code, detail=proc.log_tail())
+            if aborted_at is not None and now - aborted_at > ABORT_GRACE_S:
+                self.broken = True
+                raise Cancelled(f"{op} stopped: {self._abort_reason}; the ranks did not reach a step boundary within "
+                                f"{ABORT_GRACE_S:g} s, so every rank was stopped")
             if failure_at is not None and now - failure_at > failure_grace:
                 # The other ranks did not reach a step boundary: they wait in a collective for the failed one.
                 self.broken = True
@@ -145,14 +201,10 @@ class Sidecar:
                 self.broken = True
                 raise RankTimeout(rank=pending[0].rank, phase=op, seconds=cfg.call_timeout_s, setting="call_timeout_s")
             # Silence after an error is its consequence (CP peers wait in a collective for the failed rank), so the
-            # heartbeat only judges calls without errors; the failure grace above bounds the rest.
-            if stepped and not errors:
-                silent = min(pending, key=lambda p: last_heard[p.rank])
-                if now - last_heard[silent.rank] > cfg.heartbeat_timeout_s:
-                    self.broken = True
-                    raise RankTimeout(rank=silent.rank, phase=op, seconds=cfg.heartbeat_timeout_s,
-                                      setting="heartbeat_timeout_s")
-            ready = _select([p.channel for p in pending], _POLL_S)
+            # deadlines below only judge calls without errors; the failure grace above bounds the rest.
+            if not errors:
+                self._check_deadlines(op, pending, now, last_heard, last_step if stepped else None)
+            ready = wait_readable([p.channel for p in pending], _POLL_S)
             for proc in pending:
                 if proc.channel not in ready:
                     continue
@@ -164,17 +216,36 @@ class Sidecar:
                     self.broken = True
                     raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
                                    detail=proc.log_tail()) from None
+                except ChannelTimeout:  # announced a frame, then stopped sending it
+                    self.broken = True
+                    raise RankTimeout(rank=proc.rank, phase=f"{op} (mid-frame)", seconds=cfg.heartbeat_timeout_s,
+                                      setting="heartbeat_timeout_s") from None
+                except FrameTooLarge as exc:
+                    self.broken = True
+                    raise ProtocolError(f"rank {proc.rank} during {op}: {exc}") from None
                 message = protocol.decode(frame, arena=proc.arena)
                 last_heard[proc.rank] = time.monotonic()
                 if not isinstance(message, dict) or message.get("id") != call_id:
                     raise ProtocolError(f"rank {proc.rank} sent an unexpected message during {op}")
-                if message.get("event") == "heartbeat":
+                event = message.get("event")
+                if event == protocol.Event.ALIVE:  # from the rank's beat thread: the process runs
+                    if message.get("loading"):
+                        last_step[proc.rank] = last_heard[proc.rank]  # weights loading: no step is due yet
+                    continue
+                if event == protocol.Event.HEARTBEAT:
+                    last_step[proc.rank] = last_heard[proc.rank]
                     continue  # a CP non-leader's step: alive, but its progress is its leader's
-                if message.get("event") == "progress":
+                if event == protocol.Event.PROGRESS:
+                    last_step[proc.rank] = last_heard[proc.rank]
                     progress[proc.rank] = (int(message["done"]), int(message["total"]))
-                    if on_progress is not None and hook_error is None:
+                    preview = message.get("preview")
+                    if hook_error is None:
                         try:
-                            on_progress(sum(d for d, _ in progress.values()), sum(t for _, t in progress.values()))
+                            if preview is not None and on_preview is not None:
+                                on_preview(preview)
+                            if on_progress is not None:
+                                on_progress(sum(d for d, _ in progress.values()),
+                                            sum(t for _, t in progress.values()))
                         except BaseException as exc:  # noqa: BLE001 - re-raised once the ranks have stopped
                             hook_error = exc
                 elif message.get("ok"):
@@ -186,6 +257,8 @@ class Sidecar:
         self._settled = True
         if hook_error is not None:
             raise hook_error
+        if aborted_at is not None and (errors or cancelled_at is not None):
+            raise Cancelled(f"{op} stopped: {self._abort_reason}")
         if errors:
             raise self._first_error(op, errors)
         if cancelled_at is not None:
@@ -193,6 +266,21 @@ class Sidecar:
             # are idle and hold a complete result, but the caller asked to stop, so it gets Cancelled, not a result.
             raise Cancelled(f"{op} cancelled; every rank finished the stage and is idle")
         return [results[p.rank] for p in procs]
+
+    def _check_deadlines(self, op: str, pending, now: float, last_heard: dict, last_step: dict | None) -> None:
+        """RankTimeout for a rank that stopped beating (in any stage), or, in a stepped call, that beats but has
+        made no step and loaded no weights for heartbeat_timeout_s (hung in a collective or between steps).
+        The silent rank named is the one heard from least recently: its peers waiting in a collective for it
+        reached the step it never did, so they spoke later."""
+        cfg = self.config
+        for clock in (last_heard, last_step):
+            if clock is None:
+                continue
+            silent = min(pending, key=lambda p: clock[p.rank])
+            if now - clock[silent.rank] > cfg.heartbeat_timeout_s:
+                self.broken = True
+                raise RankTimeout(rank=silent.rank, phase=op, seconds=cfg.heartbeat_timeout_s,
+                                  setting="heartbeat_timeout_s")
 
     def _first_error(self, op: str, errors: dict[int, dict]) -> Exception:
         """The one error to raise: the first real failure to arrive (a rank's peers that waited for it may report
@@ -215,10 +303,12 @@ class Sidecar:
                          remote_traceback=str(error.get("traceback", "")))
 
     def _send_cancel(self, call_id: int) -> None:
-        frame = protocol.encode({"op": "cancel", "id": call_id})
+        frame = protocol.encode({"op": protocol.Op.CANCEL, "id": call_id})
         for proc in self._launched.processes:
             try:
-                proc.channel.send(frame)
+                proc.channel.send(frame, timeout=_CONTROL_SEND_S)
+            except ChannelTimeout:
+                self.broken = True  # part of a frame may be out: this channel is out of step for good
             except ChannelClosed:
                 pass
 
@@ -231,9 +321,9 @@ class Sidecar:
         for proc in launched.processes:
             if proc.channel is not None and proc.popen.poll() is None:
                 try:
-                    proc.channel.send(protocol.encode({"op": "shutdown", "id": 0}))
-                except ChannelClosed:
-                    pass
+                    proc.channel.send(protocol.encode({"op": protocol.Op.SHUTDOWN, "id": 0}), timeout=_CONTROL_SEND_S)
+                except (ChannelClosed, ChannelTimeout):
+                    pass  # the escalation below stops it
         # A broken sidecar's ranks are stuck or half-way through a call: waiting long for them gains nothing.
         # Logs of a failed sidecar stay on disk (errors point at them); a clean close removes them.
         failed = self.broken or any(p.popen.poll() not in (None, 0) for p in launched.processes)
@@ -252,7 +342,3 @@ def _wait_exit(popen: subprocess.Popen, seconds: float) -> int | None:
     except subprocess.TimeoutExpired:
         return None
 
-
-def _select(channels, timeout: float):
-    readable, _, _ = select.select(channels, [], [], timeout)
-    return set(readable)

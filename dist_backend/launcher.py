@@ -30,6 +30,13 @@ from . import protocol
 
 log = logging.getLogger(__name__)
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+LOG_DIR_PREFIX = "distdiff-ranks-"
+# A failed sidecar keeps its rank logs (its error points at them) this long; the next launch removes older ones.
+FAILED_LOGS_KEEP_S = 24 * 3600.0
+# Allocator settings a host process may carry that its ranks should not inherit: ComfyUI (and some of its packs)
+# set cudaMallocAsync for themselves, and ranks that load whole models with it have run out of memory. A rank gets
+# it only when the user asks (SessionConfig.env).
+_ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
 @dataclass
@@ -68,12 +75,13 @@ def launch(config: SessionConfig) -> Launched:
                          ENV_SECRET_FILE, ENV_ARENA_FD)
 
     t0 = time.monotonic()
+    remove_old_logs()
     secret = new_secret()
     listener = Listener(config.host, 0)
-    log_dir = Path(tempfile.mkdtemp(prefix="distdiff-ranks-"))
+    # The host's pid in the name: a folder whose host still runs is never swept, however old.
+    log_dir = Path(tempfile.mkdtemp(prefix=f"{LOG_DIR_PREFIX}{os.getpid()}-"))
     master_port = _free_port(config.host)
-    base_env = dict(os.environ)
-    base_env.update(dict(config.env))
+    base_env = rank_base_env(config)
     base_env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, base_env.get("PYTHONPATH", "")) if p)
     base_env.update({
         ENV_SECRET_FILE: str(_write_secret(log_dir / "secret", secret)),
@@ -123,6 +131,49 @@ def launch(config: SessionConfig) -> Launched:
     return launched
 
 
+def rank_base_env(config: SessionConfig) -> dict[str, str]:
+    """The host's environment, less what ranks must not inherit, plus the user's SessionConfig.env."""
+    env = dict(os.environ)
+    asked = dict(config.env)
+    for name in _ALLOC_CONF_VARS:
+        if "cudamallocasync" in env.get(name, "").lower() and name not in asked:
+            log.info("ranks do not inherit %s=%s (set it in SessionConfig.env to pass it on)", name, env.pop(name))
+    env.update(asked)
+    return env
+
+
+def remove_old_logs(*, now: float | None = None, keep_s: float = FAILED_LOGS_KEEP_S) -> list[Path]:
+    """Remove the log folders of failed sidecars (clean closes remove their own) untouched for `keep_s`, unless the
+    host that made them still runs. Only our user's folders in the temp dir. Returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{LOG_DIR_PREFIX}*"):
+        try:
+            if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            newest = max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
+        except OSError:
+            continue
+        if now - newest < keep_s or _host_runs(folder.name[len(LOG_DIR_PREFIX):].split("-", 1)[0]):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _host_runs(pid_text: str) -> bool:
+    if not pid_text.isdigit():
+        return False  # a folder from before the pid was in the name
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _handshake(launched: Launched, secret: bytes, config: SessionConfig) -> None:
     deadline = time.monotonic() + config.start_timeout_s
     by_rank = {p.rank: p for p in launched.processes}
@@ -138,7 +189,7 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig) -> None
             continue
         hello = protocol.decode(channel.recv(timeout=5.0))
         rank = hello.get("rank") if isinstance(hello, dict) else None
-        if hello.get("event") != "hello" or rank not in pending:
+        if hello.get("event") != protocol.Event.HELLO or rank not in pending:
             channel.close()
             continue
         by_rank[rank].channel = channel
@@ -153,7 +204,7 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig) -> None
                                   setting="start_timeout_s")
             if proc.channel.poll(min(0.2, remaining)):
                 message = protocol.decode(proc.channel.recv(timeout=remaining))
-                if message.get("event") == "ready":
+                if message.get("event") == protocol.Event.READY:
                     break
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .config import WireEnum
 from .errors import ProtocolError
 
 MAGIC = b"DDF1"
@@ -23,6 +24,30 @@ _HEAD = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 TENSOR_KEY = "__t__"
 ARENA_MIN_BYTES = 1 << 20  # below this, the copy into the frame costs less than the bookkeeping
+
+class Op(WireEnum):
+    """What the host asks of every rank (``{"op": ..., "id": call}``)."""
+
+    LOAD = "load"
+    ENCODE = "encode"
+    DENOISE = "denoise"
+    DECODE = "decode"
+    PING = "ping"
+    UNLOAD = "unload"
+    SET_LORAS = "set_loras"  # make the ranks hold exactly this LoRA set (lora.py)
+    CANCEL = "cancel"  # stop the call with this id at its next step boundary
+    SHUTDOWN = "shutdown"
+
+
+class Event(WireEnum):
+    """What a rank tells the host besides its answer (``{"event": ...}``)."""
+
+    HELLO = "hello"  # connected and authenticated (start-up)
+    READY = "ready"  # in the process group (start-up)
+    PROGRESS = "progress"  # a leader finished a denoise step: done / total
+    HEARTBEAT = "heartbeat"  # a CP non-leader finished a denoise step (alive; its progress is its leader's)
+    ALIVE = "alive"  # the beat thread: the process runs (with "loading" while weights load)
+
 
 # Closed set of dtypes that may cross the channel, by name.
 _DTYPES: dict[str, torch.dtype] = {

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,9 @@ from . import faults, protocol
 from .config import CacheMode, Compile, Offload, SessionConfig
 from .errors import Cancelled, ConfigError
 from .pipelines.base import ImageRequest
+
+if TYPE_CHECKING:
+    from .lora import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +29,9 @@ def cp_mode_of(transformer) -> str | None:
 
 
 class RankEngine:
-    def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel) -> None:
+    def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel, beater=None) -> None:
         self.config = config
+        self.beater = beater  # beat.Beater: told when weights load (the host then expects no denoise step)
         self.rank = rank
         self.device = device
         self.channel = channel
@@ -66,6 +71,7 @@ class RankEngine:
         self.residency = None
         self.adapter = None
         self.model_info: dict[str, Any] | None = None
+        self.loras: tuple[LoraSpec, ...] = ()  # the wanted set, applied whenever the transformer is loaded
         self._call_id = None
         self._cancel_seen = False
         self.fault = faults.from_env(rank)  # test-only fault injection; None unless DISTDIFF_FAULT names this rank
@@ -76,32 +82,60 @@ class RankEngine:
         if handler is None:
             raise ConfigError(f"unknown op {op!r}")
         self._call_id = message.get("id")
+        self._op = op
         self._cancel_seen = False
         if self.fault is not None:
-            self.fault.at(op)
+            self.fault.at(op, channel=self.channel)
         return handler(message)
 
     def op_ping(self, message: dict) -> dict:
-        return {"rank": self.rank, "pid": os.getpid(), "model": self.model_info["model_dir"] if self.model_info else None}
+        from .lora import loaded_adapters
+
+        pipe = self.residency.pipe if self.residency is not None else None
+        return {"rank": self.rank, "pid": os.getpid(),
+                "model": self.model_info["model_dir"] if self.model_info else None,
+                "loads": dict(self.residency.load_counts) if self.residency is not None else {},
+                "adapters": sorted(loaded_adapters(pipe)) if pipe is not None else []}
+
+    def op_set_loras(self, message: dict) -> dict:
+        """Record the wanted LoRA set and apply it now if the transformer is loaded (else at the next denoise).
+        NOTE: symmetric: every rank gets the same set, so every rank disables CP (a collective-free change) and
+        loads the same adapters; the next denoise enables CP again on all of them."""
+        from .lora import LoraSpec
+
+        self._require_model()
+        self.loras = tuple(LoraSpec.from_message(m) for m in message["loras"])
+        if self.residency.pipe is not None:
+            self._sync_loras(self.residency.pipe)
+        return {"adapters": [s.name for s in self.loras]}
 
     def op_load(self, message: dict) -> dict:
+        """Load a diffusers folder ({"model_dir": path}) or single files ({"files": ModelFiles message})."""
+        from .files import ModelFiles, read_files_config
         from .pipelines import adapter_for, read_model_config
         from .residency import Residency
 
-        model_dir = message["model_dir"]
-        info = read_model_config(model_dir)
+        files_info = None
+        if message.get("files") is not None:
+            info = files_info = read_files_config(ModelFiles.from_message(message["files"]))
+            model_dir = info["model_dir"]  # the files' key
+        else:
+            model_dir = message["model_dir"]
+            info = read_model_config(model_dir)
         if self.model_info is not None and self.model_info["model_dir"] == model_dir:
             return {"family": info["family"], "loaded": sorted(self.residency.loaded)}
         self.close()
         self.adapter = adapter_for(info["family"])
-        self.model_info = {"model_dir": model_dir, **info}
+        self.model_info = {**info, "model_dir": model_dir}
         # Only components with weights in this folder (Wan 2.1 lists transformer_2 as null, for example).
         heavy = tuple(c for c in (*self.adapter.text_components, *self.adapter.denoise_components,
                                   *self.adapter.decode_components) if c in info["models"])
         load_kwargs = None
         if self.config.gpus_per_rank > 1:
-            from .sharding import load_kwargs_for, plan_for_model, rank_budgets
+            from .planning.sharding import load_kwargs_for, plan_for_model, rank_budgets
 
+            if files_info is not None:  # the host refuses this before start (Session.load)
+                raise ConfigError("gpus_per_rank > 1 is not supported for models loaded from single files")
             gpus = self.config.rank_gpus(self.rank)
             plan = plan_for_model(model_dir, config=self.config, adapter=self.adapter,
                                   budgets=rank_budgets(self.config, gpus), models=set(heavy))
@@ -109,7 +143,7 @@ class RankEngine:
             load_kwargs = load_kwargs_for(plan, self.adapter, gpus)
         self.residency = Residency(
             model_dir, heavy=heavy, dtype=getattr(torch, self.config.dtype.value), device=self.device,
-            load_kwargs=load_kwargs,
+            load_kwargs=load_kwargs, files_info=files_info, loading=self._loading,
         )
         try:
             if self.config.offload is Offload.RESIDENT:
@@ -138,10 +172,17 @@ class RankEngine:
         return {"embeds": out}
 
     def op_denoise(self, message: dict) -> dict:
+        from .pipelines._common import steps_run
+
         self._require_model()
         items = message["items"]
         cond = message["cond"]
-        total = len(items) * message["steps"]
+        inits = message.get("init_latents") or [None] * len(items)  # one per item, or none (text-to-image)
+        denoise = float(message.get("denoise", 1.0))
+        steps = steps_run(message["steps"], denoise)  # the steps each item really runs (img2img skips some)
+        total = len(items) * steps
+        # Previews every k-th step, from the one rank the host asked (0 = none): see Session.denoise.
+        preview_every = int(message.get("preview_every", 0))
         latents = []
         # Under CFG parallel: forwards this rank computed (one per step, not two), exchanges and bytes it sent.
         cfg_stats = {"forwards": 0, "exchanges": 0, "bytes_sent": 0}
@@ -149,24 +190,30 @@ class RankEngine:
         pipe = self.residency.ensure(self.adapter.denoise_components)
         graphs_before = self._graphs_compiled()
         try:
-            if self.config.cp_degree > 1:
-                self._set_cp_mode(pipe.transformer, message["cp_lengths"])
+            self._sync_loras(pipe)  # a transformer reloaded by staged offload gets its adapters again here
+            cp_models = self.adapter.cp_models(pipe) if self.config.cp_degree > 1 else {}
+            for model in cp_models.values():
+                self._set_cp_mode(model, message["cp_lengths"])
             if self.config.compile is Compile.REGIONAL:
                 self._compile(pipe)  # after CP: the compiled blocks contain the CP attention
-            for index, (key, seed) in enumerate(items):
+            for index, ((key, seed), init) in enumerate(zip(items, inits)):
                 request = ImageRequest(seed=seed, steps=message["steps"], guidance=message["guidance"],
+                                       true_cfg_scale=message.get("true_cfg_scale", 1.0),
+                                       guidance_2=message.get("guidance_2"),
                                        height=message["height"], width=message["width"],
-                                       num_frames=message.get("num_frames", 1),
-                                       true_cfg_scale=message.get("true_cfg_scale", 1.0))
-                done_before = index * message["steps"]
+                                       num_frames=message.get("num_frames", 1), denoise=denoise)
+                done_before = index * steps
 
-                def on_step(done: int, steps: int, _before: int = done_before) -> None:
-                    self._step_boundary(_before + done, total)
+                def on_step(done: int, steps: int, *, preview=None, _before: int = done_before) -> None:
+                    wanted = preview is not None and preview_every > 0 and (done % preview_every == 0 or done == steps)
+                    # float16: the preview is for the eye; half the bytes of the progress message.
+                    self._step_boundary(_before + done, total,
+                                        preview=preview().to("cpu", torch.float16) if wanted else None)
 
                 with torch.inference_mode(), self._cfg_split(pipe, cond[key], request) as split, \
                         self._step_cache(pipe, request) as cached:
                     latent = self.adapter.denoise(pipe, cond=cond[key], request=request, device=self.device,
-                                                  on_step=on_step)
+                                                  on_step=on_step, init_latents=init)
                 if cached is not None:
                     cache_stats["forwards"] += cached.forwards
                     cache_stats["skipped"] += cached.skipped
@@ -175,11 +222,14 @@ class RankEngine:
                     cfg_stats["forwards"] += split.forwards
                     cfg_stats["exchanges"] += split.exchanges
                     cfg_stats["bytes_sent"] += split.bytes_sent
-            mode = cp_mode_of(pipe.transformer) if self.config.cp_degree > 1 else None  # before staged release
+            # What really ran, read before a staged release: every CP model must be in the same mode.
+            modes = {cp_mode_of(model) for model in cp_models.values()}
+            assert len(modes) <= 1, f"CP models in different modes: {modes}"
+            mode = modes.pop() if modes else None
         finally:
             if self.config.offload is Offload.STAGED:
                 self.residency.release(self.adapter.denoise_components)
-        return {"latents": latents if self.is_leader else None, "cp_mode": mode,
+        return {"latents": latents if self.is_leader else None, "cp_mode": mode, "cp_models": sorted(cp_models),
                 "cfg": cfg_stats if self.config.cfg > 1 else None,
                 "graphs_compiled": self._graphs_compiled() - graphs_before,
                 "cache": cache_stats if self.config.cache is not CacheMode.NONE else None}
@@ -202,21 +252,51 @@ class RankEngine:
         return {"unloaded": True}
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _loading(self):
+        """Around every weights load (any stage): the beats say so, so a long staged reload is not a hung step."""
+        with self.beater.loading() if self.beater is not None else contextlib.nullcontext():
+            if self.fault is not None:
+                self.fault.at(self._op, load=True)
+            yield
+
     def _require_model(self) -> None:
         if self.residency is None:
             raise ConfigError("no model loaded on this sidecar; call load(model_dir) first")
+
+    def _sync_loras(self, pipe) -> None:
+        """Make the pipeline hold exactly self.loras. LoRAs must wrap the layers before CP places its hooks, so CP
+        is disabled first when anything changes (_set_cp_mode enables it again). A file that fails to load leaves
+        the wanted set empty and drops the LoRA-loadable components, which the next stage reloads from disk: after
+        a failed diffusers load nothing half-changed is ever used, and the next run gives the base model's image."""
+        from .lora import sync_loras
+        from .strategies.context_parallel import disable_context_parallel
+
+        def before_change() -> None:
+            for model in self.adapter.cp_models(pipe).values():  # every denoise model (Wan 2.2: both experts)
+                disable_context_parallel(model)  # no-op when CP is not enabled
+            if self.config.compile is Compile.REGIONAL:
+                from .strategies.regional_compile import reset_compiled
+
+                reset_compiled()  # no graph traced without the LoRA layers (or with the old CP hooks) is reused
+
+        try:
+            sync_loras(pipe, specs=self.loras, before_change=before_change)
+        except BaseException:
+            self.loras = ()
+            self.residency.release(getattr(pipe, "_lora_loadable_modules", ("transformer",)))
+            raise
 
     def _set_cp_mode(self, transformer: torch.nn.Module, lengths: dict[str, int]) -> None:
         """Enable CP in the mode this request needs (plain, or diffusers' uneven "anything" mode).
         NOTE: symmetric: the host sends every rank the same `cp_lengths` for the whole call, so every rank of every
         CP group takes the same branch here, at the same point, before its first item."""
-        from .strategies.context_parallel import (cp_config_for, cp_mode, disable_context_parallel,
+        from .strategies.context_parallel import (CPMode, cp_config_for, cp_mode, disable_context_parallel,
                                                   enable_context_parallel)
 
         ring, ulysses = self.config.ring, self.config.ulysses
         wanted = cp_config_for(ring=ring, ulysses=ulysses, mesh=None, seq_lengths=lengths)
-        wanted_mode = ("ring_anything" if wanted.ring_anything else "ulysses_anything" if wanted.ulysses_anything
-                       else "ring×ulysses" if ring > 1 and ulysses > 1 else "ring" if ring > 1 else "ulysses")
+        wanted_mode = CPMode.of(wanted)
         current = cp_mode(transformer)
         if current == wanted_mode:
             return
@@ -231,21 +311,20 @@ class RankEngine:
 
     def _step_cache(self, pipe, request: ImageRequest):
         """diffusers' step cache on the transformer for one image (fresh state), deciding over the CP group."""
+        from .pipelines._common import steps_run
         from .strategies.step_cache import step_cache
 
         if self.config.cache is not CacheMode.NONE and getattr(pipe, "transformer_2", None) is not None:
             # Wan 2.2's two experts would each need their own cache; not wired yet. Same on every rank.
             raise ConfigError("step caching supports pipelines with one transformer; use cache='none' here")
         return step_cache(pipe.transformer, mode=self.config.cache, threshold=self.config.cache_threshold,
-                          steps=request.steps, group=self.cp_group)
+                          steps=steps_run(request.steps, request.denoise), group=self.cp_group)
 
     def _compile(self, pipe) -> None:
         from .strategies.regional_compile import compile_regions
 
-        for name in ("transformer", "transformer_2"):
-            model = getattr(pipe, name, None)
-            if model is not None:
-                compile_regions(model)
+        for model in self.adapter.cp_models(pipe).values():  # every denoise model (Wan 2.2: both experts)
+            compile_regions(model)
 
     def _graphs_compiled(self) -> int:
         if self.config.compile is Compile.NONE:
@@ -267,17 +346,21 @@ class RankEngine:
             # The host refuses this before the call (Session._check_cfg); every rank gets the same request, so
             # every rank raises here alike and none is left waiting in the exchange.
             raise ConfigError(f"cfg=2 needs classifier-free guidance, but {reason}")
-        return split_cfg((getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)),
-                         group=self.cfg_group, cfg_rank=self.cfg_rank)
+        # Every denoise model (Wan 2.2: both experts; each step calls one of them for both branches).
+        return split_cfg(tuple(self.adapter.cp_models(pipe).values()), group=self.cfg_group, cfg_rank=self.cfg_rank)
 
-    def _step_boundary(self, done: int, total: int) -> None:
-        """After every denoise step: report progress, and decide together whether to stop."""
+    def _step_boundary(self, done: int, total: int, *, preview: torch.Tensor | None = None) -> None:
+        """After every denoise step: report progress (with a preview latent when one is due), and decide together
+        whether to stop."""
         if self.fault is not None:
-            self.fault.at("denoise", done)
+            self.fault.at(protocol.Op.DENOISE, done)
         # Every rank says it is alive each step (the host's heartbeat_timeout_s watches each rank, and a CP
         # non-leader would otherwise be silent for the whole denoise); only leaders' messages count as progress.
-        event = "progress" if self.is_leader else "heartbeat"
-        self.channel.send(protocol.encode({"id": self._call_id, "event": event, "done": done, "total": total}))
+        event = protocol.Event.PROGRESS if self.is_leader else protocol.Event.HEARTBEAT
+        message = {"id": self._call_id, "event": event, "done": done, "total": total}
+        if preview is not None and self.is_leader:
+            message["preview"] = preview
+        self.channel.send(protocol.encode(message))
         self._drain_cancel()
         stop = self._cancel_seen
         if self.image_group is not None:
@@ -294,12 +377,13 @@ class RankEngine:
     def _drain_cancel(self) -> None:
         while self.channel.poll(0):
             message = protocol.decode(self.channel.recv(timeout=self.config.heartbeat_timeout_s))
-            if isinstance(message, dict) and message.get("op") == "cancel":
+            if isinstance(message, dict) and message.get("op") == protocol.Op.CANCEL:
                 self._cancel_seen = True
 
     def close(self) -> None:
         if self.residency is not None:
             self.residency.close()
         self.residency = None
+        self.loras = ()  # LoRAs belong to a model
         self.adapter = None
         self.model_info = None

@@ -2,11 +2,13 @@
 
 Loading goes through `DiffusionPipeline.from_pretrained` with the unwanted heavy components passed as None, so
 diffusers keeps doing the library-specific work (dtype, safetensors, tokenizers, schedulers); we only decide
-what is resident when.
+what is resident when. A model given as single files (`files_info`, see dist_backend.files) is built by
+`files.assemble.load_files_pipeline` instead, with the same "only these heavy components" contract.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from collections.abc import Callable, Iterable
@@ -22,15 +24,19 @@ class Residency:
 
     def __init__(
         self, model_dir: str, *, heavy: Iterable[str], dtype: torch.dtype, device: torch.device,
-        load_kwargs: Callable[[str], dict[str, Any]] | None = None,
+        load_kwargs: Callable[[str], dict[str, Any]] | None = None, files_info: dict[str, Any] | None = None,
+        loading: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
-        self.model_dir = model_dir
+        self.model_dir = model_dir  # for single files: the ModelFiles key (a name, not a path)
+        self.files_info = files_info
         self.heavy = tuple(heavy)
         self.dtype = dtype
         self.device = device
         self._load_kwargs = load_kwargs or (lambda name: {})
+        self._loading = loading or contextlib.nullcontext  # entered around every load (the rank's beats report it)
         self.pipe = None
         self.loaded: set[str] = set()
+        self.load_counts: dict[str, int] = {}  # component -> times read from disk (tests prove what was not reloaded)
 
     def ensure(self, needed: Iterable[str]) -> Any:
         """Load what `needed` lacks; return the pipeline. Components not asked for are left as they are."""
@@ -38,17 +44,17 @@ class Residency:
         missing = needed - self.loaded
         if self.pipe is not None and not missing:
             return self.pipe
-        from diffusers import DiffusionPipeline
+        with self._loading():
+            return self._load(missing)
 
-        skip: dict[str, Any] = {c: None for c in self.heavy if c not in missing}
-        for name in missing:
-            # A pipeline-level from_pretrained takes one string device_map for all components, so a component
-            # with its own placement (device_map sharding over this rank's GPUs) is loaded alone and passed in.
-            kwargs = self._load_kwargs(name)
-            if kwargs:
-                skip[name] = load_component(self.model_dir, name, dtype=self.dtype, **kwargs)
-        log.info("loading %s from %s", sorted(missing) or "pipeline shell", self.model_dir)
-        fresh = DiffusionPipeline.from_pretrained(self.model_dir, dtype=self.dtype, **skip)
+    def _load(self, missing: set[str]) -> Any:
+        if self.files_info is not None:
+            from .files.assemble import load_files_pipeline
+
+            log.info("loading %s from single files", sorted(missing) or "pipeline shell")
+            fresh = load_files_pipeline(self.files_info, components=missing, dtype=self.dtype)
+        else:
+            fresh = self._from_folder(missing)
         fresh.set_progress_bar_config(disable=True)  # progress goes to the host, not to the rank's log
         for name in missing:
             module = getattr(fresh, name)
@@ -60,7 +66,22 @@ class Residency:
         else:
             self.pipe.register_modules(**{name: getattr(fresh, name) for name in missing})
         self.loaded |= missing
+        for name in missing:
+            self.load_counts[name] = self.load_counts.get(name, 0) + 1
         return self.pipe
+
+    def _from_folder(self, missing: set[str]) -> Any:
+        from diffusers import DiffusionPipeline
+
+        skip: dict[str, Any] = {c: None for c in self.heavy if c not in missing}
+        for name in missing:
+            # A pipeline-level from_pretrained takes one string device_map for all components, so a component
+            # with its own placement (device_map sharding over this rank's GPUs) is loaded alone and passed in.
+            kwargs = self._load_kwargs(name)
+            if kwargs:
+                skip[name] = load_component(self.model_dir, name, dtype=self.dtype, **kwargs)
+        log.info("loading %s from %s", sorted(missing) or "pipeline shell", self.model_dir)
+        return DiffusionPipeline.from_pretrained(self.model_dir, dtype=self.dtype, **skip)
 
     def release(self, names: Iterable[str]) -> None:
         """Drop components from memory (staged offload). The next `ensure` that needs them reloads them."""

@@ -84,7 +84,7 @@ def main() -> int:
     channel = client_connect(os.environ[ENV_HOST_ADDR], int(os.environ[ENV_HOST_PORT]), secret,
                              timeout=config.start_timeout_s)
     del secret
-    channel.send(protocol.encode({"event": "hello", "rank": rank, "pid": os.getpid()}))
+    channel.send(protocol.encode({"event": protocol.Event.HELLO, "rank": rank, "pid": os.getpid()}))
 
     import torch
     import torch.distributed as dist
@@ -109,12 +109,14 @@ def main() -> int:
         **({"device_id": device} if backend == "nccl" else {}),
     )
     from .arena import Arena
+    from .beat import Beater, beat_interval
     from .rank_engine import RankEngine
 
     arena = Arena(int(os.environ[ENV_ARENA_FD])) if ENV_ARENA_FD in os.environ else None
 
-    engine = RankEngine(config=config, rank=rank, device=device, channel=channel)
-    channel.send(protocol.encode({"event": "ready", "rank": rank}))
+    beater = Beater(channel, interval=beat_interval(config.heartbeat_timeout_s))
+    engine = RankEngine(config=config, rank=rank, device=device, channel=channel, beater=beater)
+    channel.send(protocol.encode({"event": protocol.Event.READY, "rank": rank}))
     log.info("ready: %s, device %s, %d threads", config.strategy, device, torch.get_num_threads())
 
     try:
@@ -129,11 +131,12 @@ def main() -> int:
             message = protocol.decode(frame)
             op = message.get("op") if isinstance(message, dict) else None
             call_id = message.get("id") if isinstance(message, dict) else None
-            if op == "cancel":
+            if op == protocol.Op.CANCEL:
                 continue  # a cancel that arrived after its call finished
-            if op == "shutdown":
+            if op == protocol.Op.SHUTDOWN:
                 channel.send(protocol.encode({"id": call_id, "ok": True, "result": None}))
                 return 0
+            beater.begin(call_id)  # the host hears from this rank during the whole call, whatever the stage
             try:
                 result = engine.handle(op, message)
                 reply = {"id": call_id, "ok": True, "result": result}
@@ -145,8 +148,10 @@ def main() -> int:
                     "type": type(exc).__name__, "message": str(exc), "phase": str(op),
                     "traceback": traceback.format_exc(),
                 }}
+            beater.end()
             channel.send(protocol.encode(reply, arena=arena))
     finally:
+        beater.close()
         engine.close()
         channel.close()
         # No destroy_process_group(): it can block on peers that are already gone; exiting frees everything.

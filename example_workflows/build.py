@@ -12,38 +12,76 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = "distdiff-tiny-flux"  # tests put the tiny Flux pipeline under this name in models/diffusers
+# The interop examples need a pipeline whose VAE ComfyUI's own Load VAE can load (the real FLUX.1 architecture):
+# tests put such a tiny pipeline under this name in models/diffusers, and its VAE file in models/vae.
+REAL_VAE_MODEL = "distdiff-tiny-flux-realvae"
+REAL_VAE_FILE = "distdiff-tiny-flux-realvae.safetensors"
+INPUT_IMAGE = "distdiff_example.png"  # tests put a 64 × 64 picture under this name in ComfyUI's input folder
+# Tests put tiny LoRAs for that pipeline under these names in models/loras (tests/lora_fixtures.py).
+TINY_LORAS = {"peft": "distdiff-tiny-flux-peft.safetensors", "kohya": "distdiff-tiny-flux-kohya.safetensors"}
 
 # Widget inputs of each node in INPUT_TYPES order (required, then optional): the UI format stores values by
 # position. "seed" is followed by ComfyUI's control_after_generate value.
 WIDGETS = {
     "LoadSharded": ["model", "ranks", "dp", "ring", "ulysses", "device", "dtype", "offload", "gpus_per_rank",
-                    "device_map", "max_memory", "attention_backend", "model_path", "cfg", "compile", "cache",
-                    "cache_threshold"],
+                    "device_map", "max_memory", "attention_backend", "cfg", "compile", "cache", "cache_threshold",
+                    "model_path"],
     "EncodeOnGPUs": ["prompt", "negative_prompt"],
     "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames",
-                        "true_cfg_scale"],
+                        "denoise", "true_cfg", "guidance_2"],
     "DecodeVAE": [],
     "SaveImage": ["filename_prefix"],
-}
-LINKS = {  # (node, input name) <- (source node, output slot, type)
-    ("EncodeOnGPUs", "pipeline"): ("LoadSharded", 0, "DISTDIFF_PIPELINE"),
-    ("ParallelDenoise", "pipeline"): ("LoadSharded", 0, "DISTDIFF_PIPELINE"),
-    ("ParallelDenoise", "conditioning"): ("EncodeOnGPUs", 0, "DISTDIFF_CONDITIONING"),
-    ("DecodeVAE", "pipeline"): ("LoadSharded", 0, "DISTDIFF_PIPELINE"),
-    ("DecodeVAE", "samples"): ("ParallelDenoise", 0, "LATENT"),
-    ("SaveImage", "images"): ("DecodeVAE", 0, "IMAGE"),
+    "LoadImage": ["image"],
+    "VAELoader": ["vae_name"],
+    "VAEEncode": [],
+    "VAEDecode": [],
+    "DistDiffLoRA": ["lora_name", "strength"],
 }
 OUTPUTS = {"LoadSharded": [("pipeline", "DISTDIFF_PIPELINE")], "EncodeOnGPUs": [("conditioning", "DISTDIFF_CONDITIONING")],
-           "ParallelDenoise": [("LATENT", "LATENT")], "DecodeVAE": [("IMAGE", "IMAGE")], "SaveImage": []}
-ORDER = ["LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "SaveImage"]
-NODE_ID = {name: str(i + 1) for i, name in enumerate(ORDER)}
+           "ParallelDenoise": [("LATENT", "LATENT")], "DecodeVAE": [("IMAGE", "IMAGE")], "SaveImage": [],
+           "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "VAELoader": [("VAE", "VAE")],
+           "VAEEncode": [("LATENT", "LATENT")], "VAEDecode": [("IMAGE", "IMAGE")],
+           "DistDiffLoRA": [("pipeline", "DISTDIFF_PIPELINE")]}
+# A graph: its nodes in id order, and its links (node, input name) <- (source node, output slot, type).
+OURS = {
+    "order": ["LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "SaveImage"],
+    "links": {
+        ("EncodeOnGPUs", "pipeline"): ("LoadSharded", 0, "DISTDIFF_PIPELINE"),
+        ("ParallelDenoise", "pipeline"): ("LoadSharded", 0, "DISTDIFF_PIPELINE"),
+        ("ParallelDenoise", "conditioning"): ("EncodeOnGPUs", 0, "DISTDIFF_CONDITIONING"),
+        ("DecodeVAE", "pipeline"): ("LoadSharded", 0, "DISTDIFF_PIPELINE"),
+        ("DecodeVAE", "samples"): ("ParallelDenoise", 0, "LATENT"),
+        ("SaveImage", "images"): ("DecodeVAE", 0, "IMAGE"),
+    },
+}
+IMG2IMG = {  # ComfyUI's Load Image -> Load VAE + VAE Encode -> our ParallelDenoise (denoise < 1) -> DecodeVAE
+    "order": [*OURS["order"], "LoadImage", "VAELoader", "VAEEncode"],
+    "links": {
+        **OURS["links"],
+        ("VAEEncode", "pixels"): ("LoadImage", 0, "IMAGE"),
+        ("VAEEncode", "vae"): ("VAELoader", 0, "VAE"),
+        ("ParallelDenoise", "latent"): ("VAEEncode", 0, "LATENT"),
+    },
+}
+COMFY_DECODE = {  # our ParallelDenoise -> ComfyUI's own Load VAE + VAE Decode
+    "order": ["LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "SaveImage", "VAELoader", "VAEDecode"],
+    "links": {
+        ("EncodeOnGPUs", "pipeline"): ("LoadSharded", 0, "DISTDIFF_PIPELINE"),
+        ("ParallelDenoise", "pipeline"): ("LoadSharded", 0, "DISTDIFF_PIPELINE"),
+        ("ParallelDenoise", "conditioning"): ("EncodeOnGPUs", 0, "DISTDIFF_CONDITIONING"),
+        ("VAEDecode", "samples"): ("ParallelDenoise", 0, "LATENT"),
+        ("VAEDecode", "vae"): ("VAELoader", 0, "VAE"),
+        ("SaveImage", "images"): ("VAEDecode", 0, "IMAGE"),
+    },
+}
 
 BASE_LOAD = dict(model=TINY_MODEL, ranks=2, dp=0, ring=1, ulysses=1, device="cpu", dtype="float32",
                  offload="resident", gpus_per_rank=1, device_map="none", max_memory="", attention_backend="",
-                 model_path="", cfg=1, compile="none", cache="none", cache_threshold=0.0)
+                 cfg=1, compile="none", cache="none", cache_threshold=0.0, model_path="")
 BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1,
-                    true_cfg_scale=1.0)
+                    denoise=1.0, true_cfg=1.0, guidance_2=-1.0)
 
+# The strategies: our four nodes only, run on every host.
 EXAMPLES = {
     "data_parallel": dict(load={}, prompt="a red fox in the snow\na lighthouse at dusk\na bowl of ramen",
                           note="3 prompts over 2 data-parallel ranks"),
@@ -54,16 +92,57 @@ EXAMPLES = {
     "hybrid_dp_ulysses": dict(load=dict(ranks=4, ulysses=2), prompt="a red fox in the snow\na lighthouse at dusk",
                               note="4 ranks = 2 data-parallel groups × 2 Ulysses"),
     "cfg_parallel": dict(load=dict(cfg=2), prompt="a red fox in the snow", negative="blurry, low quality",
-                         denoise=dict(true_cfg_scale=2.0),
+                         denoise=dict(true_cfg=2.0),
                          note="CFG parallel: prompt and negative-prompt branches on 2 ranks at once (Flux true CFG)"),
     "regional_compile": dict(load=dict(ulysses=2, compile="regional"), prompt="a red fox in the snow",
                              note="Ulysses on 2 ranks with the transformer's repeated block torch.compiled once"),
     "step_cache": dict(load=dict(ulysses=2, cache="first_block", cache_threshold=0.3), prompt="a red fox in the snow",
                        note="Ulysses on 2 ranks with diffusers' first-block cache, decided over the CP group"),
+    "lora_chain": dict(load=dict(ulysses=2), prompt="a red fox in the snow",
+                       loras=[(TINY_LORAS["peft"], 0.8), (TINY_LORAS["kohya"], -0.6)],
+                       note="two chained LoRA (DistDiff) nodes (a diffusers/PEFT and a kohya file, one negative) "
+                            "under 2-rank Ulysses"),
+}
+# Our nodes with ComfyUI's own (a host with Flux-era nodes, and a model whose VAE ComfyUI's Load VAE reads).
+INTEROP_EXAMPLES = {
+    "img2img": dict(graph=IMG2IMG, load=dict(model=REAL_VAE_MODEL, ulysses=2), prompt="a red fox in the snow",
+                    denoise=dict(denoise=0.6),
+                    note="Load Image -> VAE Encode -> ParallelDenoise at denoise 0.6 (image-to-image, 2-rank "
+                         "Ulysses); the LATENT is ComfyUI's own, so any VAE Encode of this model's VAE fits"),
+    "comfy_vae_decode": dict(graph=COMFY_DECODE, load=dict(model=REAL_VAE_MODEL), prompt="a lighthouse at dusk",
+                             note="ParallelDenoise's LATENT decoded by ComfyUI's own Load VAE + VAE Decode"),
 }
 
 
+def graph_of(example: dict) -> dict:
+    """The example's graph ({"order": node keys, "links": ...}); its LoRA nodes (keys "DistDiffLoRA#1", ...) go
+    between LoadSharded and every node that takes the pipeline."""
+    base = example.get("graph", OURS)
+    loras = [f"DistDiffLoRA#{i + 1}" for i in range(len(example.get("loras", ())))]
+    if not loras:
+        return base
+    links, source = {}, "LoadSharded"
+    for key in loras:
+        links[(key, "pipeline")] = (source, 0, "DISTDIFF_PIPELINE")
+        source = key
+    for (target, input_name), (src, slot, typ) in base["links"].items():
+        links[(target, input_name)] = (source if typ == "DISTDIFF_PIPELINE" else src, slot, typ)
+    order = base["order"]
+    return {"order": [order[0], *loras, *order[1:]], "links": links}
+
+
+def node_id(example: dict, key: str) -> str:
+    return str(graph_of(example)["order"].index(key) + 1)
+
+
+def class_of(key: str) -> str:
+    return key.split("#")[0]
+
+
 def node_values(name: str, example: dict) -> dict:
+    if class_of(name) == "DistDiffLoRA":
+        lora_name, strength = example["loras"][int(name.split("#")[1]) - 1]
+        return {"lora_name": lora_name, "strength": strength}
     if name == "LoadSharded":
         return {**BASE_LOAD, **example["load"]}
     if name == "EncodeOnGPUs":
@@ -72,50 +151,57 @@ def node_values(name: str, example: dict) -> dict:
         return {**BASE_DENOISE, **example.get("denoise", {})}
     if name == "SaveImage":
         return {"filename_prefix": "distdiff"}
+    if name == "LoadImage":
+        return {"image": INPUT_IMAGE}
+    if name == "VAELoader":
+        return {"vae_name": REAL_VAE_FILE}
     return {}
 
 
 def api_format(example: dict) -> dict:
-    prompt = {}
-    for name in ORDER:
+    graph, prompt = graph_of(example), {}
+    for name in graph["order"]:
         inputs = dict(node_values(name, example))
-        for (target, input_name), (source, slot, _) in LINKS.items():
+        for (target, input_name), (source, slot, _) in graph["links"].items():
             if target == name:
-                inputs[input_name] = [NODE_ID[source], slot]
-        prompt[NODE_ID[name]] = {"class_type": name, "inputs": inputs, "_meta": {"title": name}}
+                inputs[input_name] = [node_id(example, source), slot]
+        prompt[node_id(example, name)] = {"class_type": class_of(name), "inputs": inputs,
+                                          "_meta": {"title": class_of(name)}}
     return prompt
 
 
 def ui_format(example: dict) -> dict:
+    graph = graph_of(example)
     links, nodes = [], []
-    for link_id, ((target, input_name), (source, slot, typ)) in enumerate(LINKS.items(), start=1):
-        links.append([link_id, int(NODE_ID[source]), slot, int(NODE_ID[target]), None, typ, input_name])
-    for order, name in enumerate(ORDER):
+    for link_id, ((target, input_name), (source, slot, typ)) in enumerate(graph["links"].items(), start=1):
+        links.append([link_id, int(node_id(example, source)), slot, int(node_id(example, target)), None, typ,
+                      input_name])
+    for order, name in enumerate(graph["order"]):
         values = node_values(name, example)
         widgets = []
-        for w in WIDGETS[name]:
+        for w in WIDGETS[class_of(name)]:
             widgets.append(values[w])
             if w == "seed":
                 widgets.append("fixed")
         inputs = []
         for link in links:
-            if link[3] == int(NODE_ID[name]):
+            if link[3] == int(node_id(example, name)):
                 link[4] = len(inputs)
                 inputs.append({"name": link[6], "type": link[5], "link": link[0]})
         outputs = [{"name": out_name, "type": typ, "slot_index": i,
-                    "links": [l[0] for l in links if l[1] == int(NODE_ID[name]) and l[2] == i]}
-                   for i, (out_name, typ) in enumerate(OUTPUTS[name])]
-        nodes.append({"id": int(NODE_ID[name]), "type": name, "pos": [60 + 340 * order, 120], "size": [320, 260],
-                      "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
-                      "properties": {"Node name for S&R": name}, "widgets_values": widgets})
-    return {"last_node_id": len(ORDER), "last_link_id": len(links), "nodes": nodes,
+                    "links": [l[0] for l in links if l[1] == int(node_id(example, name)) and l[2] == i]}
+                   for i, (out_name, typ) in enumerate(OUTPUTS[class_of(name)])]
+        nodes.append({"id": int(node_id(example, name)), "type": class_of(name), "pos": [60 + 340 * order, 120],
+                      "size": [320, 260], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+                      "outputs": outputs, "properties": {"Node name for S&R": class_of(name)}, "widgets_values": widgets})
+    return {"last_node_id": len(graph["order"]), "last_link_id": len(links), "nodes": nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {},
             "extra": {"distdiff_note": example["note"]}, "version": 0.4}
 
 
 def render() -> dict[str, str]:
     files = {}
-    for name, example in EXAMPLES.items():
+    for name, example in {**EXAMPLES, **INTEROP_EXAMPLES}.items():
         files[f"{name}.api.json"] = json.dumps(api_format(example), indent=2) + "\n"
         files[f"{name}.json"] = json.dumps(ui_format(example), indent=2) + "\n"
     return files

@@ -18,14 +18,18 @@ class PipelineHandle:
     handle can never point at a dead or replaced sidecar."""
 
     config: object  # dist_backend.config.SessionConfig
-    model_dir: str
+    model_dir: str  # a diffusers folder; for single files, the ModelFiles' key (a name, not a path)
     family: str
+    loras: tuple[tuple[str, float], ...] = ()
+    """(file, strength) in chain order (DistDiffLoRA nodes append); the ranks hold exactly these for every stage."""
+    files: object = None  # dist_backend.files.ModelFiles when the model was loaded from single files
 
     def session(self):
         from ..dist_backend.session import get_session
 
         session = get_session(self.config)
-        session.load(self.model_dir)  # no-op when this model is already loaded
+        session.load(self.files if self.files is not None else self.model_dir)  # no-op when already loaded
+        session.set_loras(self.loras)  # no-op when the ranks already hold exactly this set
         return session
 
 
@@ -62,16 +66,46 @@ def resolve_model(name: str, path: str) -> str:
                      "put the diffusers folder there or give its absolute path in model_path")
 
 
-def comfy_progress(total_hint: int):
-    """A callable (done, total) that moves ComfyUI's progress bar of the running node."""
-    import comfy.utils
+def folder_fingerprint(model_dir: str) -> str:
+    """Names, sizes and modification times of a diffusers folder's files (top level and one level down: the
+    component folders), so replacing a weights file changes it. Stats only: cheap enough for every queue."""
+    entries = []
+    for root, dirs, files in os.walk(model_dir, followlinks=True):
+        depth = os.path.relpath(root, model_dir).count(os.sep) + (root != model_dir)
+        if depth >= 1:
+            dirs.clear()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            entries.append(f"{os.path.relpath(os.path.join(root, name), model_dir)}:{st.st_size}:{st.st_mtime_ns}")
+    return f"{os.path.realpath(model_dir)}|" + "|".join(sorted(entries))
 
-    bar = comfy.utils.ProgressBar(max(1, total_hint))
 
-    def update(done: int, total: int) -> None:
-        bar.update_absolute(done, total)
+def files_fingerprint(paths: list[str]) -> str:
+    """Like folder_fingerprint, for single model files: path, size and modification time of each."""
+    entries = []
+    for path in paths:
+        st = os.stat(path)
+        entries.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(entries)
 
-    return update
+
+def lora_names() -> list[str]:
+    """LoRA files in ComfyUI's models/loras folders (ComfyUI's own list, as its LoraLoader shows it)."""
+    import folder_paths
+
+    return [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(".safetensors")]
+
+
+def resolve_lora(name: str) -> str:
+    import folder_paths
+
+    from ..dist_backend.errors import ModelError
+
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths("loras"))
+        raise ModelError(f"LoRA {name!r} is not in any models/loras folder ({folders}); put the file there")
+    return path
 
 
 def comfy_should_cancel():

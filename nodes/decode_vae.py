@@ -6,7 +6,8 @@ from .common import CATEGORY, PIPELINE, comfy_should_cancel, run_cancellable
 
 
 class DecodeVAE:
-    DESCRIPTION = "Decodes latents with the pipeline's VAE on the ranks (batch split over them). Video: frames in order."
+    DESCRIPTION = ("Decodes any LATENT of this model's family (ParallelDenoise's, ComfyUI's VAE Encode's, a loaded one) "
+                   "with the pipeline's VAE on the ranks (batch split over them). Video: frames in order.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
@@ -16,7 +17,7 @@ class DecodeVAE:
         return {
             "required": {
                 "pipeline": (PIPELINE, {"tooltip": "From LoadSharded (the pipeline that made the latents)."}),
-                "samples": ("LATENT", {"tooltip": "Unpacked latents, e.g. from ParallelDenoise."}),
+                "samples": ("LATENT", {"tooltip": "A ComfyUI LATENT for this model (raw VAE space), e.g. from ParallelDenoise or VAE Encode."}),
             },
         }
 

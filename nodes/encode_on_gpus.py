@@ -22,14 +22,18 @@ class EncodeOnGPUs:
                                       "tooltip": "One prompt per line; empty lines are ignored."}),
             },
             "optional": {
-                "negative_prompt": ("STRING", {"multiline": True, "default": "",
-                                               "tooltip": "Used by families with true CFG (Qwen-Image, Wan, Flux with true_cfg)."}),
+                "negative_prompt": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "Kept verbatim; empty = none. Qwen-Image: needed for CFG (guidance > 1); its "
+                               "documented ' ' (one space) counts. Wan: used when guidance > 1. Flux: used only "
+                               "with true_cfg > 1."}),
             },
         }
 
     def encode(self, pipeline, prompt, negative_prompt=""):
         prompts = [line.strip() for line in prompt.splitlines() if line.strip()]
         session = pipeline.session()
-        cond = run_cancellable(lambda: session.encode(prompts, negative_prompt.strip() or None,
+        # Verbatim, not stripped: " " is Qwen-Image's documented negative prompt; only "" means none.
+        cond = run_cancellable(lambda: session.encode(prompts, negative_prompt or None,
                                                       should_cancel=comfy_should_cancel()))
         return (cond,)

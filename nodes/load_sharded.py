@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, list_models, resolve_model,
-                     run_cancellable)
+from . import parallel_inputs
+from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, folder_fingerprint, list_models,
+                     resolve_model, run_cancellable)
 
 
 class LoadSharded:
@@ -22,75 +23,30 @@ class LoadSharded:
         return {
             "required": {
                 "model": (models, {"tooltip": "A diffusers pipeline folder (with model_index.json) in models/diffusers."}),
-                "ranks": ("INT", {"default": 2, "min": 1, "max": 64,
-                                  "tooltip": "Number of rank processes (world size). On CUDA, GPUs used = ranks × gpus_per_rank."}),
-                "dp": ("INT", {"default": 0, "min": 0, "max": 64,
-                               "tooltip": "Data-parallel groups that split the images; 0 = ranks / (ring × ulysses)."}),
-                "ring": ("INT", {"default": 1, "min": 1, "max": 64,
-                                 "tooltip": "Ring-attention degree per group (context parallel; less memory per GPU)."}),
-                "ulysses": ("INT", {"default": 1, "min": 1, "max": 64,
-                                    "tooltip": "Ulysses-attention degree per group (context parallel; needs heads divisible by it)."}),
-                "device": (["auto", "cuda", "cpu"], {"default": "auto",
-                                                     "tooltip": "auto = cuda when available, else cpu (gloo)."}),
-                "dtype": (["bfloat16", "float16", "float32"], {"default": "bfloat16",
-                                                               "tooltip": "Weights and compute dtype (cpu: bfloat16 or float32)."}),
-                "offload": (["resident", "staged"], {"default": "resident",
-                                                     "tooltip": "staged frees the text encoders after encoding and the transformer after denoising."}),
+                **parallel_inputs.REQUIRED,
             },
             "optional": {
-                "gpus_per_rank": ("INT", {"default": 1, "min": 1, "max": 16,
-                                          "tooltip": "GPUs owned by each rank; > 1 shards components over them with device_map."}),
-                "device_map": (["none", "balanced", "auto"], {"default": "none",
-                                                             "tooltip": "Placement over a rank's GPUs when gpus_per_rank > 1."}),
-                "max_memory": ("STRING", {"default": "",
-                                          "tooltip": "Per-GPU budget within a rank for device_map, e.g. 0=16GB,1=16GB."}),
-                "attention_backend": ("STRING", {"default": "",
-                                                 "tooltip": "diffusers attention backend, e.g. flash or _native_cudnn (empty = native)."}),
+                **parallel_inputs.OPTIONAL,
                 "model_path": ("STRING", {"default": "",
                                           "tooltip": "Absolute path of a diffusers folder; overrides model when set."}),
-                "cfg": ("INT", {"default": 1, "min": 1, "max": 2,
-                                "tooltip": "CFG parallel: 2 computes the prompt and negative-prompt branches of each "
-                                           "step on two halves of the ranks at once (needs guidance > 1 and a "
-                                           "negative prompt; ranks = dp × cfg × ring × ulysses)."}),
-                "compile": (["none", "regional"], {"default": "none",
-                                                   "tooltip": "regional: torch.compile the transformer's repeated "
-                                                              "block once; the first run of a new size pays the "
-                                                              "compile, later runs are faster."}),
-                "cache": (["none", "first_block", "taylorseer", "magcache"], {
-                    "default": "none",
-                    "tooltip": "Step caching (diffusers' cache hooks): skips transformer work on steps that change "
-                               "little. Faster, not exact; magcache is for Flux only. Skipped steps show in the "
-                               "DistDiff status panel."}),
-                "cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                                              "tooltip": "first_block / magcache threshold; 0 = diffusers' default "
-                                                         "(0.05 / 0.06). Higher skips more."}),
             },
         }
 
     @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        # Re-run when the sidecar died or was replaced, so ComfyUI's cache never hands out a stale pipeline.
-        from ..dist_backend.session import current_session
+    def IS_CHANGED(cls, model, model_path="", **kwargs):
+        # The output (a PipelineHandle: config, folder, family) changes only with the inputs, which ComfyUI compares
+        # itself, and with the folder's files. Not with the sidecar: downstream nodes get the live session from the
+        # handle (PipelineHandle.session restarts a dead or released sidecar), and the cached embeddings and latents
+        # are plain CPU data that stay valid, so a restart must not re-run them.
+        try:
+            return folder_fingerprint(resolve_model(model, model_path))
+        except Exception:  # noqa: BLE001 - a missing folder: load() raises the clear ModelError
+            return float("nan")
 
-        session = current_session()
-        return f"{id(session)}:{session.starts if session else 0}:{session.alive() if session else False}"
-
-    def load(self, model, ranks, dp, ring, ulysses, device, dtype, offload, gpus_per_rank=1, device_map="none",
-             max_memory="", attention_backend="", model_path="", cfg=1, compile="none", cache="none",
-             cache_threshold=0.0):
-        from ..dist_backend.config import SessionConfig
+    def load(self, model, model_path="", **settings):
         from ..dist_backend.session import get_session
 
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu" and dtype == "float16":
-            dtype = "bfloat16"  # the node default is for GPUs; CPU kernels want bf16/fp32
-        config = SessionConfig(world_size=ranks, dp=dp, cfg=cfg, ring=ring, ulysses=ulysses, device=device, dtype=dtype,
-                               offload=offload, gpus_per_rank=gpus_per_rank, device_map=device_map,
-                               max_memory=max_memory.strip(), attention_backend=attention_backend.strip(),
-                               compile=compile, cache=cache, cache_threshold=cache_threshold)
+        config = parallel_inputs.session_config(settings)
         model_dir = resolve_model(model, model_path)
         session = get_session(config)
         info = run_cancellable(lambda: session.load(model_dir, should_cancel=comfy_should_cancel()))

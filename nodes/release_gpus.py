@@ -23,8 +23,14 @@ class ReleaseGPUs:
     def IS_CHANGED(cls, **kwargs):
         return float("nan")  # always run when queued
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, input_types=None):
+        # `after` takes any type ("*"): asking for input_types makes ComfyUI skip its type check of the link
+        # (modern ComfyUI), so any output can be wired in.
+        return True
+
     def release(self, after=None):
         from ..dist_backend.session import shutdown_all
 
-        shutdown_all()
+        shutdown_all()  # runs on ComfyUI's prompt thread, like every node: no DistDiff call is running now
         return {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def status_payload() -> dict:
     from ..dist_backend.session import current_session
@@ -19,4 +21,5 @@ def status_payload() -> dict:
         "pids": session.sidecar_pids() if alive else [],
         "seconds": dict(session.timings.stages),
         "last_run": dict(session.last_run),  # cfg degree, compile, cache and forwards skipped by the last denoise
+        "loras": [{"file": os.path.basename(spec.path), "strength": spec.strength} for spec in session.loras],
     }

@@ -3,7 +3,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const DISTDIFF_NODES = new Set(["LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs"]);
+const DISTDIFF_NODES = new Set(["LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs",
+                                "DistDiffLoRA"]);
 
 async function fetchStatus() {
   try {

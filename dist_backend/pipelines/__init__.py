@@ -151,15 +151,17 @@ def _check_weights(folder: Path) -> None:
         check_safetensors(path)
 
 
-def check_safetensors(path: str | Path) -> None:
-    """Raise ModelError if `path` is not a whole safetensors file.
+def check_safetensors(path: str | Path, *, fix: str = "download the model again") -> dict:
+    """Raise ModelError if `path` is not a whole safetensors file; return its header (tensor name -> spec).
 
     The format is an 8-byte little-endian header length, a json header mapping tensor names to
     {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the end of the header), then the data.
-    A file shorter than header end + the largest offset end was cut off (interrupted download).
+    A file shorter than header end + the largest offset end was cut off (interrupted download). Only the header
+    is read, never the weights. `fix` ends each message (what the user should do about it).
     """
     path = Path(path)
-    fix = "download the model again"
+    if not path.is_file():
+        raise ModelError(f"{str(path)!r} does not exist or is not a file; {fix}")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -184,6 +186,7 @@ def check_safetensors(path: str | Path) -> None:
     if size < needed:
         raise ModelError(f"{str(path)!r} is truncated: {size} bytes, but its header says the data ends at byte "
                          f"8 + {header_len} + {data_end} = {needed}; {fix}")
+    return header
 
 
 def load_pipeline(model_dir: str | Path, *, components: set[str] | frozenset[str] | None = None, dtype=None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import ConfigError, ModelError
@@ -48,15 +50,43 @@ def cpu_generator(request: ImageRequest) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(request.seed)
 
 
-def step_callback(on_step: StepCallback | None, total: int):
-    """A diffusers `callback_on_step_end` that reports (i + 1, total); exceptions (Cancelled) propagate."""
+def step_callback(on_step: StepCallback | None, total: int, *, start: torch.Tensor | None,
+                  to_preview: Callable[[torch.Tensor], torch.Tensor]):
+    """A diffusers `callback_on_step_end` that reports (i + 1, total, preview=fn); exceptions (Cancelled) propagate.
+
+    `start` is the latent the loop starts from (as the pipeline holds it, e.g. packed), None when the pipeline makes
+    it internally (img2img noises the image latent itself): the first step then has no preview. `to_preview` turns a latent
+    in that form into the family's preview layout. `fn()` computes the x0 estimate of the step just done only when
+    called (see `x0_estimate`); keeping the previous step's latent costs a reference, not a copy (schedulers return
+    new tensors).
+    """
+    state = {"before": start}
 
     def callback(pipe, i, t, callback_kwargs):
+        before, after = state["before"], callback_kwargs["latents"]
+        state["before"] = after
         if on_step is not None:
-            on_step(i + 1, total)
+            preview = None if before is None else (lambda: to_preview(x0_estimate(pipe.scheduler, before, after)))
+            on_step(i + 1, total, preview=preview)
         return {}  # change nothing: the pipeline pops "latents" etc. from what we return
 
     return callback
+
+
+def x0_estimate(scheduler, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The step's estimate of the clean latent x0, what ComfyUI's samplers preview.
+
+    Multistep solvers that predict x0 (UniPC and DPM-Solver with predict_x0, Wan's default) keep it: the last entry
+    of `model_outputs`. A flow-matching Euler step (Flux, Qwen-Image) goes from x at sigma s to x' at sigma s' along
+    the velocity v = (x' - x) / (s' - s), and x0 = x - s·v = (s'·x - s·x') / (s' - s), exactly what the step implied
+    (true CFG included). `scheduler.step_index` has already moved past the step that was just taken.
+    """
+    outputs = getattr(scheduler, "model_outputs", None)
+    if getattr(scheduler.config, "predict_x0", False) and outputs and outputs[-1] is not None:
+        return outputs[-1]
+    index = scheduler.step_index - 1
+    s, s_next = float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1])
+    return (s_next * before - s * after) / (s_next - s)
 
 
 def to_device(cond: dict[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype,
@@ -97,3 +127,29 @@ class PackedImageAdapter(FamilyAdapter):
     def image_tokens(self, pipe_config: dict, *, height: int, width: int) -> int:
         per_token = self.vae_scale(pipe_config) * 2
         return (height // per_token) * (width // per_token)
+
+
+def steps_run(steps: int, denoise: float) -> int:
+    """How many of `steps` an img2img run with strength `denoise` executes: the arithmetic of diffusers'
+    `get_timesteps` (Flux / Qwen-Image img2img): it skips the first int(steps − steps × denoise) steps."""
+    init_timestep = min(steps * denoise, steps)
+    return steps - int(max(steps - init_timestep, 0))
+
+
+def img2img_pipeline(pipe, cls, *, latent_channels: int):
+    """The family's img2img pipeline `cls` sharing `pipe`'s loaded modules (no weights copied).
+
+    Its constructor takes the latent channel count from the VAE, which is absent while staged offload keeps only
+    the transformer loaded (it then assumes 16): set it from the transformer instead, so latents passed as
+    `image=` are recognised as latents (diffusers' VaeImageProcessor passes through a tensor with that many
+    channels) and never sent to a VAE encode.
+    """
+    from diffusers.image_processor import VaeImageProcessor
+
+    img2img = cls.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    if img2img.latent_channels != latent_channels:
+        img2img.latent_channels = latent_channels
+        img2img.image_processor = VaeImageProcessor(vae_scale_factor=img2img.vae_scale_factor * 2,
+                                                    vae_latent_channels=latent_channels)
+    return img2img

@@ -1,16 +1,18 @@
 """FLUX.1 (FluxPipeline): CLIP + T5 text encoders, a packed-latent MMDiT, a 16-channel AutoencoderKL.
 
 Guidance mapping: `ImageRequest.guidance` -> `guidance_scale`, the embedded (distilled) guidance fed to the
-transformer; it is ignored by models without guidance embeddings (schnell). True CFG is
-`ImageRequest.true_cfg_scale` (default 1.0 = off; `FluxAdapter(true_cfg_scale=s)` sets the value used when the
-request leaves it at 1.0), because FLUX.1 is guidance-distilled and a negative prompt would double the cost for
-no benefit. With a scale > 1 and a negative prompt the pipeline runs true CFG exactly as diffusers does.
+transformer; it is ignored by models without guidance embeddings (schnell). True CFG is the separate per-request
+`ImageRequest.true_cfg_scale` -> `true_cfg_scale`, default 1.0 = off, because FLUX.1 is guidance-distilled and a
+negative prompt would double the cost for no benefit. With a scale > 1 and a negative prompt the pipeline runs
+true CFG exactly as diffusers does.
 
 Conditioning keys: "prompt_embeds" [1, T, 4096], "pooled_prompt_embeds" [1, 768], plus
-"negative_prompt_embeds" and "negative_pooled_prompt_embeds" whenever a negative prompt was given (whether true
-CFG runs depends on the request's scale).
+"negative_prompt_embeds" and "negative_pooled_prompt_embeds" whenever a negative prompt was given: whether true
+CFG uses them depends on the per-request scale, which `encode` does not know.
 
-Latents: the pipeline works on 2x2-packed tokens [1, h/2*w/2, 4C]; we hand out the unpacked [1, C, h, w].
+Latents: the pipeline works on 2x2-packed tokens [1, h/2*w/2, 4C]; we hand out the unpacked [1, C, h, w]
+(normalised; the Session turns it into ComfyUI's raw LATENT with `latent_format`). img2img (denoise < 1) runs
+FluxImg2ImgPipeline on the same modules with image=the normalised init latent and strength=denoise.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import torch
 
 from . import PIPELINE_CLASSES, Family
 from ._common import (
-    PackedImageAdapter, component_config, cpu_generator, step_callback, text_length_cap, to_cpu,
-    to_device,
+    PackedImageAdapter, component_config, cpu_generator, img2img_pipeline, step_callback, steps_run,
+    text_length_cap, to_cpu, to_device,
 )
 from .base import ImageRequest, StepCallback
 
@@ -35,9 +37,6 @@ class FluxAdapter(PackedImageAdapter):
     text_components = ("text_encoder", "text_encoder_2")
     denoise_components = ("transformer",)
     decode_components = ("vae",)
-
-    def __init__(self, *, true_cfg_scale: float = 1.0) -> None:
-        self.true_cfg_scale = float(true_cfg_scale)
 
     # -- text ---------------------------------------------------------------------------------------------
     def max_sequence_length(self, pipe) -> int:
@@ -56,13 +55,10 @@ class FluxAdapter(PackedImageAdapter):
             cond.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
         return to_cpu(cond)
 
-    def _true_cfg_scale(self, request: ImageRequest) -> float:
-        return request.true_cfg_scale if request.true_cfg_scale != 1.0 else self.true_cfg_scale
-
     def cfg_off_reason(self, cond: dict[str, torch.Tensor], request: ImageRequest) -> str | None:
         # FluxPipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given; the embedded guidance
         # (guidance_scale) of the distilled models is one transformer call, not CFG.
-        scale = self._true_cfg_scale(request)
+        scale = request.true_cfg_scale
         if scale <= 1.0:
             return (f"Flux's true CFG is off (true_cfg_scale {scale} ≤ 1; guidance {request.guidance} is the "
                     "distilled guidance, a single pass); set true_cfg_scale > 1 and give a negative prompt")
@@ -84,29 +80,54 @@ class FluxAdapter(PackedImageAdapter):
 
     @torch.no_grad()
     def denoise(self, pipe, *, cond: dict[str, torch.Tensor], request: ImageRequest, device: torch.device,
-                on_step: StepCallback | None = None) -> torch.Tensor:
+                on_step: StepCallback | None = None, init_latents: torch.Tensor | None = None) -> torch.Tensor:
         dtype = pipe.transformer.dtype
         c = to_device(cond, device=device, dtype=dtype)
-        latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
-        packed = pipe(
+        common = dict(
             prompt_embeds=c["prompt_embeds"], pooled_prompt_embeds=c["pooled_prompt_embeds"],
             negative_prompt_embeds=c.get("negative_prompt_embeds"),
             negative_pooled_prompt_embeds=c.get("negative_pooled_prompt_embeds"),
-            true_cfg_scale=self._true_cfg_scale(request), guidance_scale=request.guidance,
+            true_cfg_scale=request.true_cfg_scale, guidance_scale=request.guidance,
             height=request.height, width=request.width, num_inference_steps=request.steps,
-            latents=latents, output_type="latent", return_dict=False,
-            callback_on_step_end=step_callback(on_step, request.steps),
-        )[0]
+            output_type="latent", return_dict=False,
+        )
+        steps = steps_run(request.steps, request.denoise)
+        to_preview = lambda x: self._unpack(pipe, x, request)  # noqa: E731
+        if request.denoise < 1.0:
+            # img2img draws its noise inside the pipeline from the CPU generator: the same numbers on every rank
+            # (randn_tensor draws on the generator's device, then moves), as the plain img2img call draws them.
+            packed = self._img2img(pipe)(image=init_latents.to(device, dtype), strength=request.denoise,
+                                         generator=cpu_generator(request),
+                                         callback_on_step_end=step_callback(on_step, steps, start=None,
+                                                                            to_preview=to_preview), **common)[0]
+        else:
+            latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
+            packed = pipe(latents=latents, callback_on_step_end=step_callback(on_step, steps, start=latents,
+                                                                              to_preview=to_preview), **common)[0]
         return self._unpack(pipe, packed, request)
 
-    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
-        packed = pipe(
-            prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=self._true_cfg_scale(request),
+    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,
+                  init_latents: torch.Tensor | None = None) -> torch.Tensor:
+        common = dict(
+            prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=request.true_cfg_scale,
             guidance_scale=request.guidance, height=request.height, width=request.width,
             num_inference_steps=request.steps, generator=cpu_generator(request),
             max_sequence_length=self.max_sequence_length(pipe), output_type="latent", return_dict=False,
-        )[0]
+        )
+        if request.denoise < 1.0:
+            from diffusers import FluxImg2ImgPipeline
+
+            img2img = FluxImg2ImgPipeline.from_pipe(pipe)
+            packed = img2img(image=init_latents, strength=request.denoise, **common)[0]
+        else:
+            packed = pipe(**common)[0]
         return self._unpack(pipe, packed, request)
+
+    @staticmethod
+    def _img2img(pipe):
+        from diffusers import FluxImg2ImgPipeline
+
+        return img2img_pipeline(pipe, FluxImg2ImgPipeline, latent_channels=pipe.transformer.config.in_channels // 4)
 
     @staticmethod
     def _unpack(pipe, packed: torch.Tensor, request: ImageRequest) -> torch.Tensor:
@@ -115,11 +136,9 @@ class FluxAdapter(PackedImageAdapter):
     # -- decode -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # The same steps as FluxPipeline.__call__ after its loop (minus the unpacking, done already).
+        # FluxPipeline.__call__ after its loop, from the raw VAE space (latent_format.process_out already done).
         vae = pipe.vae
-        z = latents.to(device=device, dtype=vae.dtype)
-        z = (z / vae.config.scaling_factor) + vae.config.shift_factor
-        image = vae.decode(z, return_dict=False)[0]
+        image = vae.decode(latents.to(device=device, dtype=vae.dtype), return_dict=False)[0]
         image = pipe.image_processor.postprocess(image, output_type="pt")
         return image.permute(0, 2, 3, 1).float().cpu()
 

@@ -15,8 +15,9 @@ so the transformer gets NO attention mask; we keep the all-ones mask in the dict
 pipeline drops it again. A padding mask only appears for batched prompts of different lengths, which the
 adapter never builds; `uses_attention_mask` reports it if such embeddings are passed in.
 
-Latents: the pipeline draws [1, 1, C, h, w] (a frame axis of 1) and packs 2x2 into tokens; we hand out
-[1, C, h, w].
+Latents: the pipeline draws [1, 1, C, h, w] (a frame axis of 1) and packs 2x2 into tokens; we hand out its
+unpacked [1, C, 1, h, w] (normalised; ComfyUI's Qwen-Image LATENT has the same layout). img2img (denoise < 1)
+runs QwenImageImg2ImgPipeline on the same modules with image=the normalised init latent, strength=denoise.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 
 from . import PIPELINE_CLASSES, Family
 from ._common import (
-    PackedImageAdapter, component_config, cpu_generator, step_callback, to_cpu, to_device,
+    PackedImageAdapter, component_config, cpu_generator, img2img_pipeline, step_callback, steps_run, to_cpu,
+    to_device,
 )
 from .base import ImageRequest, StepCallback
 
@@ -69,43 +71,74 @@ class QwenImageAdapter(PackedImageAdapter):
 
     @torch.no_grad()
     def denoise(self, pipe, *, cond: dict[str, torch.Tensor], request: ImageRequest, device: torch.device,
-                on_step: StepCallback | None = None) -> torch.Tensor:
+                on_step: StepCallback | None = None, init_latents: torch.Tensor | None = None) -> torch.Tensor:
         dtype = pipe.transformer.dtype
         c = to_device(cond, device=device, dtype=dtype, keep_dtype=_MASK_KEYS)
-        latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
-        packed = pipe(
+        common = dict(
             prompt_embeds=c["prompt_embeds"], prompt_embeds_mask=c["prompt_embeds_mask"],
             negative_prompt_embeds=c.get("negative_prompt_embeds"),
             negative_prompt_embeds_mask=c.get("negative_prompt_embeds_mask"),
             true_cfg_scale=request.guidance, height=request.height, width=request.width,
-            num_inference_steps=request.steps, latents=latents, output_type="latent", return_dict=False,
-            callback_on_step_end=step_callback(on_step, request.steps),
-        )[0]
+            num_inference_steps=request.steps, output_type="latent", return_dict=False,
+        )
+        steps = steps_run(request.steps, request.denoise)
+
+        def to_preview(x: torch.Tensor) -> torch.Tensor:
+            # ComfyUI treats Qwen-Image latents as one-frame video ([B, C, 1, h, w], the Wan 2.1 format).
+            return pipe._unpack_latents(x, request.height, request.width, pipe.vae_scale_factor)
+
+        if request.denoise < 1.0:
+            # As in flux.py: the pipeline draws the noise from the CPU generator, the same on every rank.
+            packed = self._img2img(pipe)(image=self._image_arg(init_latents).to(device, dtype),
+                                         strength=request.denoise, generator=cpu_generator(request),
+                                         callback_on_step_end=step_callback(on_step, steps, start=None,
+                                                                            to_preview=to_preview), **common)[0]
+        else:
+            latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
+            packed = pipe(latents=latents, callback_on_step_end=step_callback(on_step, steps, start=latents,
+                                                                              to_preview=to_preview), **common)[0]
         return self._unpack(pipe, packed, request)
 
-    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
-        packed = pipe(
+    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,
+                  init_latents: torch.Tensor | None = None) -> torch.Tensor:
+        common = dict(
             prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=request.guidance,
             height=request.height, width=request.width, num_inference_steps=request.steps,
             generator=cpu_generator(request), output_type="latent", return_dict=False,
-        )[0]
+        )
+        if request.denoise < 1.0:
+            from diffusers import QwenImageImg2ImgPipeline
+
+            img2img = QwenImageImg2ImgPipeline.from_pipe(pipe)
+            packed = img2img(image=self._image_arg(init_latents), strength=request.denoise, **common)[0]
+        else:
+            packed = pipe(**common)[0]
         return self._unpack(pipe, packed, request)
 
     @staticmethod
+    def _image_arg(init_latents: torch.Tensor) -> torch.Tensor:
+        # diffusers' image processor passes latents through only as a 4-D [B, C, h, w] tensor; the pipeline adds
+        # the frame axis back itself.
+        return init_latents[:, :, 0]
+
+    @staticmethod
+    def _img2img(pipe):
+        from diffusers import QwenImageImg2ImgPipeline
+
+        return img2img_pipeline(pipe, QwenImageImg2ImgPipeline,
+                                latent_channels=pipe.transformer.config.in_channels // 4)
+
+    @staticmethod
     def _unpack(pipe, packed: torch.Tensor, request: ImageRequest) -> torch.Tensor:
-        latents = pipe._unpack_latents(packed, request.height, request.width, pipe.vae_scale_factor)
-        return latents[:, :, 0].float().cpu()  # drop the frame axis of 1
+        # [1, C, 1, h, w]: the pipeline's own unpacked layout, which is also ComfyUI's Qwen-Image LATENT layout.
+        return pipe._unpack_latents(packed, request.height, request.width, pipe.vae_scale_factor).float().cpu()
 
     # -- decode -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # The same steps, in the same order, as QwenImagePipeline.__call__ after its loop, so results match bitwise.
+        # QwenImagePipeline.__call__ after its loop, from the raw VAE space (latent_format.process_out done).
         vae = pipe.vae
-        z = latents.unsqueeze(2).to(device=device, dtype=vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        z = z / inv_std + mean
-        image = vae.decode(z, return_dict=False)[0][:, :, 0]
+        image = vae.decode(latents.to(device=device, dtype=vae.dtype), return_dict=False)[0][:, :, 0]
         image = pipe.image_processor.postprocess(image, output_type="pt")
         return image.permute(0, 2, 3, 1).float().cpu()
 

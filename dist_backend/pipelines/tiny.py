@@ -24,6 +24,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("flux", "qwenimage", "wan")
+VARIANTS = ("wan22",)  # more layouts of a family: "wan22" is Wan with two experts (Wan 2.2 A14B)
 
 # Bump when a build changes, so caches made by an older version are not reused.
 TINY_VERSION = 1
@@ -189,16 +190,57 @@ def _build_wan():
                        transformer=transformer)
 
 
-_BUILDERS = {"flux": _build_flux, "qwenimage": _build_qwenimage, "wan": _build_wan}
+def _build_flux_real_vae():
+    """Tiny Flux with the REAL FLUX.1 VAE architecture (random weights, 84 M parameters, stored in float16):
+    ComfyUI's VAE loader builds only that architecture, so interop tests with its Load VAE / VAE Encode / VAE
+    Decode need it. The transformer takes its 16 latent channels (in_channels 64 after 2x2 packing)."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    pipe = _build_flux()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+    vae = AutoencoderKL(  # black-forest-labs/FLUX.1-dev vae/config.json
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+    ).to(torch.float16)  # half the disk; loaded as float32 by both ComfyUI and the ranks, from the same values
+    pipe.register_modules(transformer=transformer, vae=vae)
+    return pipe
+
+
+# Wan 2.2 A14B T2V's switch: transformer for timesteps >= 0.875 × 1000, transformer_2 below. With the tiny
+# scheduler, 3 steps run at timesteps 999 | 857, 600: both experts are used.
+WAN22_BOUNDARY_RATIO = 0.875
+
+
+def _build_wan22():
+    """Wan 2.2 A14B's layout: two experts of the same shape with their own weights, and `boundary_ratio`."""
+    from diffusers import WanPipeline
+
+    base = _build_wan()
+    transformer_2 = type(base.transformer).from_config(base.transformer.config)  # drawn after: other weights
+    return WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer, transformer_2=transformer_2,
+                       boundary_ratio=WAN22_BOUNDARY_RATIO)
+
+
+_BUILDERS = {"flux": _build_flux, "qwenimage": _build_qwenimage, "wan": _build_wan,
+             "flux-realvae": _build_flux_real_vae, "wan22": _build_wan22}
 
 
 def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Build the tiny pipeline of `family` with weights drawn from `seed` and save it (safetensors) in `out_dir`."""
+    """Build the tiny pipeline of `family` (or of a variant in VARIANTS) with weights drawn from `seed` and save it
+    (safetensors) in `out_dir`."""
     import torch
 
     family = str(getattr(family, "value", family))
     if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(_BUILDERS)}")
     out = Path(out_dir)
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         torch.manual_seed(seed)

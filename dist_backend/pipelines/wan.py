@@ -1,14 +1,20 @@
 """Wan 2.x text-to-video (WanPipeline): a UMT5 text encoder, a 3D-patch DiT, a causal-3D VAE.
 
 Guidance mapping: `ImageRequest.guidance` -> `guidance_scale`, classic CFG: when > 1 every step runs the
-transformer twice, once with the negative prompt ("" when none is given, as diffusers does). For Wan 2.2 A14B
-(two transformers, `boundary_ratio`) the low-noise stage uses the same scale (diffusers' guidance_scale_2 default).
+transformer twice, once with the negative prompt ("" when none is given, as diffusers does).
+
+Wan 2.2 A14B has two experts: `transformer` denoises the high-noise steps (timestep >= boundary_ratio × 1000) and
+`transformer_2` the rest, the switch made by WanPipeline itself from model_index.json's `boundary_ratio`. Both are
+denoise components (loaded, staged and put under context parallel together); `ImageRequest.guidance_2` ->
+`guidance_scale_2`, the low-noise expert's CFG scale (None: the same as `guidance`, diffusers' default). Wan 2.1
+folders list `transformer_2` as null, so it is simply absent there.
 
 Conditioning keys: always "prompt_embeds" and "negative_prompt_embeds" [1, L, D], padded to L (512 for the
 real models). The negative is always encoded because `encode` does not know the guidance; it costs one extra
 text-encoder pass and is unused when guidance <= 1.
 
-Latents: [1, C, F', h, w] with F' = (num_frames - 1) / 4 + 1, drawn in float32 like the pipeline does.
+Latents: [1, C, F', h, w] with F' = (num_frames - 1) / 4 + 1, drawn in float32 like the pipeline does
+(normalised; ComfyUI's Wan LATENT has the same layout in the raw space, see latent_format.py).
 Context parallelism: the transformer's `_cp_plan` splits only the video tokens (hidden_states after patch
 embedding, the rotary embeddings, and the per-token timestep of Wan 2.2 TI2V); the text is not split.
 """
@@ -37,10 +43,9 @@ class WanAdapter(FamilyAdapter):
     pipeline_class_names = PIPELINE_CLASSES[Family.WAN]
     is_video = True
     text_components = ("text_encoder",)
-    # Only weight-bearing components are listed (tokenizers and the scheduler are always loaded). Wan 2.2 A14B's
-    # transformer_2 is not listed: Wan 2.1 folders have it as null, and a stager that does
-    # getattr(pipe, name).to(device) would meet None; unlisted, it is loaded with every stage (correct, not lean).
-    denoise_components = ("transformer",)
+    # Only weight-bearing components are listed (tokenizers and the scheduler are always loaded). The engine keeps
+    # only those the folder has (read_model_config's "models"): Wan 2.1 lists transformer_2 as null.
+    denoise_components = ("transformer", "transformer_2")
     decode_components = ("vae",)
 
     # -- text ---------------------------------------------------------------------------------------------
@@ -69,23 +74,28 @@ class WanAdapter(FamilyAdapter):
 
     @torch.no_grad()
     def denoise(self, pipe, *, cond: dict[str, torch.Tensor], request: ImageRequest, device: torch.device,
-                on_step: StepCallback | None = None) -> torch.Tensor:
+                on_step: StepCallback | None = None, init_latents: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_denoise(request.denoise)
         # The pipeline casts the embeddings to the transformer dtype itself; keep latents float32 like it does.
         latents = self.initial_noise(pipe, request=request).to(device)
         video = pipe(
             prompt_embeds=cond["prompt_embeds"].to(device),
             negative_prompt_embeds=cond["negative_prompt_embeds"].to(device),
-            guidance_scale=request.guidance, height=request.height, width=request.width,
-            num_frames=request.num_frames, num_inference_steps=request.steps, latents=latents,
-            output_type="latent", return_dict=False, callback_on_step_end=step_callback(on_step, request.steps),
+            guidance_scale=request.guidance, **self._guidance_2(pipe, request), height=request.height,
+            width=request.width, num_frames=request.num_frames, num_inference_steps=request.steps, latents=latents,
+            output_type="latent", return_dict=False,
+            callback_on_step_end=step_callback(on_step, request.steps, start=latents,
+                                               to_preview=lambda x: x[:, :, :1]),  # previewers show frame 0 only
         )[0]
         return video.float().cpu()
 
-    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest) -> torch.Tensor:
+    def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,
+                  init_latents: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_denoise(request.denoise)
         video = pipe(
             prompt=prompt, negative_prompt=negative_prompt, guidance_scale=request.guidance,
-            height=request.height, width=request.width, num_frames=request.num_frames,
-            num_inference_steps=request.steps, generator=cpu_generator(request),
+            **self._guidance_2(pipe, request), height=request.height, width=request.width,
+            num_frames=request.num_frames, num_inference_steps=request.steps, generator=cpu_generator(request),
             max_sequence_length=self.max_sequence_length(pipe), output_type="latent", return_dict=False,
         )[0]
         return video.float().cpu()
@@ -96,19 +106,32 @@ class WanAdapter(FamilyAdapter):
             return f"guidance {request.guidance} ≤ 1 turns Wan's CFG off; set guidance > 1"
         return None
 
+    @staticmethod
+    def _guidance_2(pipe, request: ImageRequest) -> dict:
+        """guidance_scale_2 for a two-expert pipeline; nothing otherwise (WanPipeline refuses it without a boundary,
+        and Session refuses guidance_2 for such a model before any rank starts)."""
+        if pipe.config.boundary_ratio is None:
+            return {}
+        return {"guidance_scale_2": request.guidance_2}
+
     # -- decode -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # The same steps, in the same order, as WanPipeline.__call__ after its loop, so results match bitwise.
+        # WanPipeline.__call__ after its loop, from the raw VAE space (latent_format.process_out already done).
         vae = pipe.vae
-        z = latents.to(device=device, dtype=vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        z = z / inv_std + mean
-        video = vae.decode(z, return_dict=False)[0]
+        video = vae.decode(latents.to(device=device, dtype=vae.dtype), return_dict=False)[0]
         frames = pipe.video_processor.postprocess_video(video, output_type="pt")  # [B, F, 3, H, W]
         b, f, c, h, w = frames.shape
         return frames.permute(0, 1, 3, 4, 2).reshape(b * f, h, w, c).float().cpu()
+
+    @staticmethod
+    def check_denoise(denoise: float) -> None:
+        """Wan has no image-to-video from a latent here: diffusers' WanVideoToVideoPipeline takes pixel frames and
+        VAE-encodes them itself (its `latents=` skips the noising), so there is no latent img2img to be equal to."""
+        if denoise < 1.0:
+            raise ConfigError(f"denoise {denoise} < 1 (video-to-video) is not supported for Wan: diffusers' "
+                              "WanVideoToVideoPipeline starts from pixel frames, not from a LATENT; use denoise 1.0 "
+                              "(an empty latent then only sets width, height and frames)")
 
     # -- planning (json configs only) ---------------------------------------------------------------------
     @staticmethod

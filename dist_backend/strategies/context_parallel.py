@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ModelError, UnsupportedError
+from ..config import WireEnum
 from .cp_cpu_workarounds import install_cpu_workarounds
 
 if TYPE_CHECKING:
@@ -315,16 +316,29 @@ def disable_context_parallel(transformer: torch.nn.Module) -> None:
     logger.info("CP disabled on %s", type(transformer).__name__)
 
 
-def cp_mode(transformer: Any) -> str | None:
-    """'ring', 'ulysses', 'ring_anything', 'ulysses_anything', 'ring×ulysses', or None when CP is not enabled."""
+class CPMode(WireEnum):
+    """How context parallelism runs on a transformer (reported by every rank after a denoise)."""
+
+    ULYSSES = "ulysses"
+    RING = "ring"
+    RING_ULYSSES = "ring×ulysses"
+    ULYSSES_ANYTHING = "ulysses_anything"  # diffusers' uneven Ulysses (odd lengths or heads)
+    RING_ANYTHING = "ring_anything"  # diffusers' uneven Ring
+
+    @classmethod
+    def of(cls, config: Any) -> "CPMode":
+        """The mode of a diffusers ContextParallelConfig."""
+        if config.ring_anything:
+            return cls.RING_ANYTHING
+        if config.ulysses_anything:
+            return cls.ULYSSES_ANYTHING
+        if config.ring_degree > 1 and config.ulysses_degree > 1:
+            return cls.RING_ULYSSES
+        return cls.RING if config.ring_degree > 1 else cls.ULYSSES
+
+
+def cp_mode(transformer: Any) -> CPMode | None:
+    """The CP mode enabled on `transformer`, or None when CP is not enabled."""
     parallel = getattr(transformer, "_parallel_config", None)
     config = getattr(parallel, "context_parallel_config", None)
-    if config is None:
-        return None
-    if config.ring_anything:
-        return "ring_anything"
-    if config.ulysses_anything:
-        return "ulysses_anything"
-    if config.ring_degree > 1 and config.ulysses_degree > 1:
-        return "ring×ulysses"
-    return "ring" if config.ring_degree > 1 else "ulysses"
+    return None if config is None else CPMode.of(config)

@@ -6,7 +6,9 @@ Each :class:`ComfyServer` gets a private *overlay root* built from a shared Comf
 overlay *copies* the top-level ``*.py`` files, creates those folders fresh, and symlinks everything else
 (``comfy/``, ``comfy_extras/``, ``web/`` ...). Nothing a test does lands in the shared tree, and concurrent
 servers cannot see each other's custom nodes, models or outputs. (The 2024-03 ComfyUI has no
-``--base-directory`` or ``--user-directory`` flag, so flags alone could not do this.)
+``--base-directory`` or ``--user-directory`` flag, so flags alone could not do this.) A modern host
+(``modern=True``: ComfyUI 0.33) is also told so by flags: ``--base-directory`` pointing at the overlay, an
+in-memory database (its default is a sqlite file in ``user/``), and no API nodes (they would call the internet).
 
 The websocket is connected before the first prompt is queued, so no event of a fast workflow is missed.
 """
@@ -73,13 +75,14 @@ class ComfyServer:
     (symlinked; a file's name must end in ``.py``; ComfyUI 2024-03 imports it under that name, newer ones
     under its full path). ``model_paths`` maps a ComfyUI folder
     name (``"diffusers"``, ``"checkpoints"`` ...) to extra directories, written to a per-server
-    ``extra_model_paths.yaml``. ``pythonpath`` is prepended to ``PYTHONPATH`` for the server only.
+    ``extra_model_paths.yaml``. ``pythonpath`` is prepended to ``PYTHONPATH`` for the server only. ``modern`` adds the flags of ComfyUI 0.33 (see the module docstring).
     """
 
     def __init__(self, comfy_dir: os.PathLike, *, work_dir: os.PathLike, python: str = sys.executable,
                  pythonpath: Sequence[os.PathLike] = (), custom_nodes: Mapping[str, os.PathLike] | None = None,
                  model_paths: Mapping[str, Sequence[os.PathLike]] | None = None, extra_args: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None, start_timeout: float = START_TIMEOUT_S):
+                 env: Mapping[str, str] | None = None, start_timeout: float = START_TIMEOUT_S,
+                 modern: bool = False):
         self.comfy_dir = Path(comfy_dir).resolve()
         self.work_dir = Path(work_dir)
         self.root = self.work_dir / "comfyui"
@@ -91,6 +94,7 @@ class ComfyServer:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.start_timeout = start_timeout
+        self.modern = modern
         self.client_id = uuid.uuid4().hex
         self.port: int | None = None
         self.start_seconds: float | None = None
@@ -279,6 +283,8 @@ class ComfyServer:
 
     def _spawn(self) -> None:
         args = ["main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+        if self.modern:
+            args += ["--base-directory", str(self.root), "--database-url", "sqlite:///:memory:", "--disable-api-nodes"]
         if self.model_paths:
             args += ["--extra-model-paths-config", str(self.work_dir / "extra_model_paths.yaml")]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)

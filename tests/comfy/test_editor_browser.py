@@ -14,10 +14,11 @@ from harness import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.helpers import wait_no_ranks  # noqa: E402
+from tests.lora_fixtures import write_tiny_flux_loras  # noqa: E402
 
 EXAMPLES = REPO_ROOT / "example_workflows"
 NAMES = ("data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses", "cfg_parallel",
-         "regional_compile", "step_cache")
+         "regional_compile", "step_cache", "lora_chain")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -35,7 +36,9 @@ def editor(comfy_module_server_factory, tiny_dirs, tmp_path_factory):
     assert CHROMIUM, "Chromium is not installed: apt-get install chromium"
     models = tmp_path_factory.mktemp("editor-models")
     (models / "distdiff-tiny-flux").symlink_to(tiny_dirs["flux"], target_is_directory=True)
-    server = comfy_module_server_factory(model_paths={"diffusers": [str(models)]})
+    loras = tmp_path_factory.mktemp("editor-loras")
+    write_tiny_flux_loras(tiny_dirs["flux"], loras)  # the files the LoRA example's combo boxes name
+    server = comfy_module_server_factory(model_paths={"diffusers": [str(models)], "loras": [str(loras)]})
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS,
                                      env={**os.environ, "HOME": str(tmp_path_factory.mktemp("chromium-home"))})

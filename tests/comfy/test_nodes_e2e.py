@@ -22,12 +22,16 @@ from harness import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.helpers import rank_processes, wait_no_ranks  # noqa: E402
+from tests.lora_fixtures import write_tiny_flux_loras  # noqa: E402
 
 EXAMPLES = REPO_ROOT / "example_workflows"
-API_FILES = sorted(EXAMPLES.glob("*.api.json"))
+# Our-nodes-only examples (example_workflows/build.py EXAMPLES); the interop ones run in test_latent_interop.py.
+API_FILES = [EXAMPLES / f"{name}.api.json" for name in ("data_parallel", "device_map_staged", "hybrid_dp_ulysses",
+                                                        "ring", "ulysses")]
 TINY_NAME = "distdiff-tiny-flux"
 pytestmark = pytest.mark.keeps_ranks  # the module's ComfyUI keeps its sidecar up between tests, on purpose
-NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs")
+NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs", "DistDiffLoRA",
+              "DistDiffLoadFiles")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +42,15 @@ def models_root(tiny_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(comfy_module_server_factory, models_root):
-    srv = comfy_module_server_factory(model_paths={"diffusers": [str(models_root)]})
+def loras_root(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    write_tiny_flux_loras(tiny_dirs["flux"], root)  # the LoRA files the example workflows name
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(comfy_module_server_factory, models_root, loras_root):
+    srv = comfy_module_server_factory(model_paths={"diffusers": [str(models_root)], "loras": [str(loras_root)]})
     yield srv
     # ComfyUI's own release route, then the server stops at module teardown; no rank may survive either.
     srv._http("POST", "/distdiff/release", {})
@@ -63,7 +74,18 @@ def output_pixels(server, prompt_id: str) -> list[np.ndarray]:
             for i in images]
 
 
-def cli_pixels(prompt: dict, model_dir: Path, out: Path) -> list[np.ndarray]:
+def lora_args(prompt: dict, loras_root: Path) -> list[str]:
+    """`--lora FILE:STRENGTH` for each LoRA (DistDiff) node on ParallelDenoise's pipeline path, in chain order."""
+    chain = []
+    source = prompt[node_id(prompt, "ParallelDenoise")]["inputs"]["pipeline"][0]
+    while prompt[source]["class_type"] == "DistDiffLoRA":
+        inputs = prompt[source]["inputs"]
+        chain.insert(0, f"{loras_root / inputs['lora_name']}:{inputs['strength']}")
+        source = inputs["pipeline"][0]
+    return [arg for item in chain for arg in ("--lora", item)]
+
+
+def cli_pixels(prompt: dict, model_dir: Path, out: Path, loras_root: Path) -> list[np.ndarray]:
     """The CLI run with the workflow's settings (the contract: the node graph and the CLI agree), as ComfyUI's
     SaveImage would write it. SaveImage truncates (uint8(255 × x)) where the CLI's PNGs round like diffusers
     (round(255 × x)), so the comparison uses the CLI's float images, saved next to its PNGs."""
@@ -78,12 +100,12 @@ def cli_pixels(prompt: dict, model_dir: Path, out: Path) -> list[np.ndarray]:
            "--images-per-prompt", str(den["images_per_prompt"]),
            "--world-size", str(load_in["ranks"]), "--dp", str(load_in["dp"]), "--ring", str(load_in["ring"]),
            "--ulysses", str(load_in["ulysses"]), "--dtype", load_in["dtype"], "--device", load_in["device"],
-           "--offload", load_in["offload"], "--save-tensors",
-           "--cfg", str(load_in.get("cfg", 1)), "--true-cfg", str(den.get("true_cfg_scale", 1.0)),
+           "--offload", load_in["offload"], "--save-tensors", *lora_args(prompt, loras_root),
+           "--cfg", str(load_in.get("cfg", 1)), "--true-cfg", str(den.get("true_cfg", 1.0)),
            "--compile", load_in.get("compile", "none"), "--cache", load_in.get("cache", "none"),
            "--cache-threshold", str(load_in.get("cache_threshold", 0.0))]
-    negative = prompt[node_id(prompt, "EncodeOnGPUs")]["inputs"].get("negative_prompt", "").strip()
-    if negative:
+    negative = prompt[node_id(prompt, "EncodeOnGPUs")]["inputs"].get("negative_prompt", "")
+    if negative:  # verbatim, as the node passes it ("" = none)
         cmd += ["--negative-prompt", negative]
     for p in prompts:
         cmd += ["--prompt", p]
@@ -110,7 +132,7 @@ def test_nodes_are_registered_with_tooltips_and_descriptions(server):
 
 
 @pytest.mark.parametrize("api_file", API_FILES, ids=[p.name.split(".")[0] for p in API_FILES])
-def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, tmp_path):
+def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, loras_root, tmp_path_factory):
     prompt = load(api_file.name)
     prompt_id, events = server.run(prompt, timeout=240)
     kinds = [e["type"] for e in events]
@@ -119,13 +141,27 @@ def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, tmp_path)
     progress = [e["data"] for e in events if e["type"] == "progress" and e["data"].get("node") == denoise]
     steps = prompt[denoise]["inputs"]["steps"]
     assert progress and progress[-1]["value"] == progress[-1]["max"], "ParallelDenoise sent no per-step progress"
-    assert len(progress) >= steps  # one message per step at least
+    if server.modern:  # ComfyUI 0.33 drops updates < 0.1 s apart (comfy/utils.py ProgressBar), except first and last
+        assert len(progress) >= 2 and progress[0]["value"] < progress[-1]["value"]
+    else:
+        assert len(progress) >= steps  # one message per step at least
     got = output_pixels(server, prompt_id)
-    want = cli_pixels(prompt, tiny_dirs["flux"], tmp_path / "cli")
+    want = cli_reference(prompt, tiny_dirs["flux"], tmp_path_factory, api_file.name, loras_root)
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         assert g.shape == w.shape == (64, 64, 3)
         assert np.array_equal(g, w), f"{api_file.name}: ComfyUI PNG differs from the CLI PNG"
+
+
+_CLI_PIXELS: dict[str, list[np.ndarray]] = {}
+
+
+def cli_reference(prompt: dict, model_dir: Path, tmp_path_factory, name: str, loras_root: Path) -> list[np.ndarray]:
+    """The CLI's pixels for an example workflow, computed once per test session: every ComfyUI host is compared
+    against the same CLI run (the CLI does not depend on the host, and each run costs a sidecar start)."""
+    if name not in _CLI_PIXELS:
+        _CLI_PIXELS[name] = cli_pixels(prompt, model_dir, tmp_path_factory.mktemp("cli"), loras_root)
+    return _CLI_PIXELS[name]
 
 
 def _ranks_of(server) -> set[int]:
@@ -200,3 +236,60 @@ def test_comfyui_shutdown_stops_every_rank(comfy_server_factory, models_root):
     srv.stop()
     gone, alive = psutil.wait_procs(ranks, timeout=10)
     assert not alive, f"ranks outlived ComfyUI: {[p.pid for p in alive]}"
+
+
+def _post_timed(server, path: str) -> tuple[dict, float]:
+    t0 = time.monotonic()
+    answer = json.loads(server._http("POST", path, {}))
+    return answer, time.monotonic() - t0
+
+
+def test_release_during_a_long_denoise_answers_at_once_and_stops_every_rank(server):
+    """The release route used to stop the ranks inside ComfyUI's event loop, waiting for the session that the
+    running denoise holds: the web server (and its Cancel button) froze until the denoise ended. Now the route
+    asks the call to stop and stops the ranks on a worker thread: it answers at once, the prompt ends with a clear
+    error, and no rank is left."""
+    long = load("ulysses.api.json")
+    # 64 images × 1000 steps (the inputs' maxima): minutes of work, so the release lands in the middle of it.
+    long[node_id(long, "ParallelDenoise")]["inputs"].update(steps=1000, images_per_prompt=64, seed=7)
+    prompt_id = server.queue(long)
+    server.wait_event(prompt_id, "progress", timeout=120)
+    ranks = _ranks_of(server)
+    answer, seconds = _post_timed(server, "/distdiff/release")
+    print(f"\n[measured] POST /distdiff/release during a denoise answered in {seconds:.3f} s: {answer}")
+    assert seconds < 1.0 and answer == {"releasing": True}
+    events = server.wait(prompt_id, timeout=60)
+    kinds = [e["type"] for e in events]
+    errors = [e["data"] for e in events if e["type"] == "execution_error"]
+    assert errors or "execution_interrupted" in kinds, kinds
+    if errors:
+        assert errors[0]["node_type"] == "ParallelDenoise" and "released" in errors[0]["exception_message"], errors
+    assert ranks and not wait_no_ranks(timeout=15), "ranks left after the release"
+    _, events = server.run(load("ulysses.api.json"), timeout=180)  # the next prompt starts a fresh sidecar
+    assert "execution_error" not in [e["type"] for e in events]
+
+
+def test_an_identical_prompt_after_a_restart_reuses_the_cached_outputs(server):
+    """Embeddings and latents are plain CPU data that stay valid across a sidecar restart: LoadSharded's IS_CHANGED
+    follows its inputs and folder only, so the same prompt after POST /distdiff/restart is served from ComfyUI's
+    cache (nothing of ours re-runs) and the restarted ranks are left alone."""
+    prompt = load("ulysses.api.json")
+    prompt[node_id(prompt, "ParallelDenoise")]["inputs"]["seed"] = 99
+    server.run(prompt, timeout=180)
+    before = _ranks_of(server)
+    answer, seconds = _post_timed(server, "/distdiff/restart")
+    print(f"\n[measured] POST /distdiff/restart answered in {seconds:.3f} s: {answer}")
+    assert seconds < 1.0 and answer == {"restarting": True}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the restart runs on a worker thread: wait for the new ranks to be ready
+        status = json.loads(server._http("GET", "/distdiff/status"))
+        if status.get("running") and set(status["pids"]).isdisjoint(before):
+            break
+        time.sleep(0.2)
+    restarted = _ranks_of(server)
+    assert restarted and restarted.isdisjoint(before), "the restart did not replace the ranks"
+    _, events = server.run(prompt, timeout=180)
+    ran = {e["data"].get("node") for e in events if e["type"] == "executing"} - {None}
+    ours = {node_id(prompt, t) for t in ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE")}
+    assert not ran & ours, f"nodes re-ran after a restart: {sorted(ran & ours)}"
+    assert _ranks_of(server) == restarted

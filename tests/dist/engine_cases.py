@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dist_backend.images import to_uint8
+from dist_backend.latent_format import LatentFormat, latent_format
 from dist_backend.pipelines import adapter_for
 from dist_backend.pipelines.base import ImageRequest
 
@@ -30,20 +31,34 @@ def prompts_with_text_length(pipe, *, divisible_by: int, odd: bool = False, coun
     return chosen[:count]
 
 
-def reference(pipes, family: str, prompts: list[str], *, seed: int, images_per_prompt: int = 1) -> torch.Tensor:
-    """The plain diffusers pipeline in this process, image j with seed + j (the seed contract)."""
+def format_of(pipes, family: str) -> LatentFormat:
+    """The family's LATENT format, from the loaded pipeline's VAE config (as the engine reads it from the folder)."""
+    return latent_format({"family": family, "components": {"vae": dict(pipes[family].vae.config)}})
+
+
+def reference(pipes, family: str, prompts: list[str], *, seed: int, images_per_prompt: int = 1,
+              denoise: float = 1.0, init: torch.Tensor | None = None, size: dict | None = None,
+              steps: int = STEPS, guidance: float | None = None) -> torch.Tensor:
+    """The plain diffusers pipeline in this process, image j with seed + j (the seed contract), as a ComfyUI
+    LATENT (the normalised result through the family's process_out). With denoise < 1: the family's img2img
+    pipeline from `init` (a ComfyUI LATENT, raw space; one latent for all images or one per image)."""
     adapter = adapter_for(family)
+    fmt = format_of(pipes, family)
     out = []
     for p, prompt in enumerate(prompts):
         for k in range(images_per_prompt):
-            request = ImageRequest(seed=seed + p * images_per_prompt + k, steps=STEPS, guidance=GUIDANCE[family],
-                                   **SIZE[family])
-            out.append(adapter.reference(pipes[family], prompt=prompt, negative_prompt=None, request=request))
-    return torch.cat(out)
+            j = p * images_per_prompt + k
+            request = ImageRequest(seed=seed + j, steps=steps, guidance=GUIDANCE[family] if guidance is None
+                                   else guidance, denoise=denoise,
+                                   **(size or SIZE[family]))
+            image = None if init is None else fmt.process_in(init[j if init.shape[0] > 1 else 0:][:1])
+            out.append(adapter.reference(pipes[family], prompt=prompt, negative_prompt=None, request=request,
+                                         init_latents=image))
+    return fmt.process_out(torch.cat(out))
 
 
 def reference_images(pipes, family: str, latents: torch.Tensor) -> torch.Tensor:
-    """Each image decoded on its own, as the plain pipeline does for a one-image call."""
+    """Each image decoded on its own (from a ComfyUI LATENT), as the plain pipeline does for a one-image call."""
     adapter = adapter_for(family)
     return to_uint8(torch.cat([adapter.decode(pipes[family], latents=latents[i:i + 1], device=torch.device("cpu"))
                                for i in range(latents.shape[0])]))

@@ -106,6 +106,10 @@ def test_config_refused_at_construction(config, words):
     (dict(steps=0), ["steps must be an integer ≥ 1, got 0"]),
     (dict(prompts=[]), ["prompts is empty"]),
     (dict(seed=-1), ["seed must be a non-negative integer"]),
+    # image j uses seed + j: the last image's seed must still fit torch's 64-bit generator seed
+    (dict(seed=2**64 - 2, images_per_prompt=3), ["seed (18446744073709551614) + prompts (1) × images_per_prompt (3) "
+                                                 "− 1 = 18446744073709551616 is over 2^64 − 1",
+                                                 "use a seed ≤ 18446744073709551613"]),
 ])
 def test_generate_refuses_bad_arguments_before_starting_ranks(tiny_dirs, kwargs, words):
     args = dict(model_dir=tiny_dirs["flux"], prompts=PROMPTS[:1], **SHORT)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dist_backend.config import SessionConfig
+from dist_backend.latent_format import latent_format
 from dist_backend.pipelines import adapter_for
 from dist_backend.pipelines.base import ImageRequest
 from dist_backend.session import Session
@@ -36,6 +37,8 @@ def test_cuda_rank_matches_the_pipeline_on_the_same_gpu(family, dtype, offload, 
     expected = torch.cat([adapter.reference(pipe, prompt=p, negative_prompt=None,
                                             request=ImageRequest(seed=3 + j, steps=3, guidance=guidance, **size))
                           for j, p in enumerate(PROMPTS)])
+    expected = latent_format({"family": family, "components": {"vae": dict(pipe.vae.config)}}).process_out(
+        expected.float().cpu())
     diff = float((latents.float() - expected.float()).abs().max())
     print(f"\n[measured] cuda {family} {dtype} {offload}: max abs diff vs pipeline on the same GPU = {diff:.3e}")
     assert diff <= (1e-4 if dtype == "float32" else 2e-2)

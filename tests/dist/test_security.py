@@ -88,6 +88,7 @@ def test_live_sidecar_refuses_late_connections_and_keeps_only_loopback_sockets(t
     caplog.set_level(logging.DEBUG)
     secret = new_secret()
     monkeypatch.setattr(launcher, "new_secret", lambda: secret)  # known to the test, so it can look for it
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")  # as ComfyUI sets it for itself
     s = session(ulysses=2)
     try:
         s.load(tiny_dirs["flux"])
@@ -129,6 +130,7 @@ def test_live_sidecar_refuses_late_connections_and_keeps_only_loopback_sockets(t
         for pid in s.sidecar_pids():
             secret_file = Path(psutil.Process(pid).environ()[ENV_SECRET_FILE])
             assert not secret_file.exists(), "the secret file must be removed once the ranks are in"
+            assert "PYTORCH_CUDA_ALLOC_CONF" not in psutil.Process(pid).environ()  # not inherited from the host
         assert torch.equal(s.denoise(cond, **SHORT), before) and s.starts == 1  # unharmed
     finally:
         s.close()

@@ -19,9 +19,12 @@ def test_committed_files_match_the_builder():
         assert (ROOT / filename).read_text() == text, f"{filename} is stale: run python example_workflows/build.py"
 
 
-def test_every_strategy_has_both_formats_and_they_agree():
+def test_every_example_has_both_formats_and_they_agree():
     build = _build()
-    for name in ("data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses"):
+    assert set(build.EXAMPLES) == {"data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses",
+                                  "cfg_parallel", "regional_compile", "step_cache", "lora_chain"}
+    assert set(build.INTEROP_EXAMPLES) == {"img2img", "comfy_vae_decode"}
+    for name in (*build.EXAMPLES, *build.INTEROP_EXAMPLES):
         api = json.loads((ROOT / f"{name}.api.json").read_text())
         ui = json.loads((ROOT / f"{name}.json").read_text())
         assert {n["type"] for n in ui["nodes"]} == {v["class_type"] for v in api.values()}

@@ -7,9 +7,9 @@ import torch
 import pytest
 
 from dist_backend.errors import Cancelled, ConfigError
+from dist_backend.latent_format import latent_format
 from dist_backend.pipelines import Family, adapter_for, load_pipeline, read_model_config
 from dist_backend.pipelines.base import ImageRequest
-from dist_backend.pipelines.flux import FluxAdapter
 
 CPU = torch.device("cpu")
 PROMPT = "a photo of a cat"
@@ -19,13 +19,10 @@ GUIDANCE = {"flux": 3.5, "qwenimage": 4.0, "wan": 5.0}
 FRAMES = {"flux": 1, "qwenimage": 1, "wan": 5}
 
 
-def request(family: str, *, seed: int = 7, guidance: float | None = None, steps: int = 2) -> ImageRequest:
+def request(family: str, *, seed: int = 7, guidance: float | None = None, steps: int = 2,
+            true_cfg_scale: float = 1.0) -> ImageRequest:
     return ImageRequest(seed=seed, steps=steps, guidance=GUIDANCE[family] if guidance is None else guidance,
-                        height=64, width=64, num_frames=FRAMES[family])
-
-
-def adapter(family: str, *, true_cfg: bool = False):
-    return FluxAdapter(true_cfg_scale=2.0) if true_cfg else adapter_for(family)
+                        height=64, width=64, num_frames=FRAMES[family], true_cfg_scale=true_cfg_scale)
 
 
 CASES = [
@@ -37,22 +34,23 @@ CASES = [
 
 @pytest.mark.parametrize("family, negative, true_cfg", CASES)
 def test_denoise_of_encode_equals_reference(tiny_pipes, family, negative, true_cfg):
-    pipe, a = tiny_pipes[family], adapter(family, true_cfg=true_cfg)
-    req = request(family)
+    pipe, a = tiny_pipes[family], adapter_for(family)
+    req = request(family, true_cfg_scale=2.0 if true_cfg else 1.0)
     cond = a.encode(pipe, prompt=PROMPT, negative_prompt=negative, device=CPU)
     assert all(v.device.type == "cpu" and v.shape[0] == 1 for v in cond.values())
     steps = []
-    latents = a.denoise(pipe, cond=cond, request=req, device=CPU, on_step=lambda i, n: steps.append((i, n)))
+    latents = a.denoise(pipe, cond=cond, request=req, device=CPU, on_step=lambda i, n, preview: steps.append((i, n)))
     ref = a.reference(pipe, prompt=PROMPT, negative_prompt=negative, request=req)
     diff = (latents - ref).abs().max().item()
     print(f"{family} negative={negative!r} true_cfg={true_cfg}: denoise vs reference max abs diff {diff:.3g}")
     assert latents.dtype == torch.float32 and latents.device.type == "cpu"
-    expected_ndim = 5 if family == "wan" else 4
+    expected_ndim = 4 if family == "flux" else 5  # Qwen-Image: [1, C, 1, h, w], its pipeline's unpacked layout
     assert latents.ndim == expected_ndim and latents.shape[0] == 1
     assert diff <= TOL
     assert steps == [(1, 2), (2, 2)]
     # The seed matters (so the equality above is not trivially true).
-    other = a.denoise(pipe, cond=cond, request=request(family, seed=8), device=CPU)
+    other = a.denoise(pipe, cond=cond, request=request(family, seed=8, true_cfg_scale=req.true_cfg_scale),
+                      device=CPU)
     assert (other - latents).abs().max() > 1e-3
 
 
@@ -71,7 +69,8 @@ def test_decode_equals_pipeline_output(tiny_pipes, family):
     pipe, a = tiny_pipes[family], adapter_for(family)
     req = request(family)
     ref = a.reference(pipe, prompt=PROMPT, negative_prompt=None, request=req)
-    images = a.decode(pipe, latents=ref, device=CPU)
+    raw = latent_format({"family": family, "components": {"vae": dict(pipe.vae.config)}}).process_out(ref)
+    images = a.decode(pipe, latents=raw, device=CPU)
     knob = {"flux": "guidance_scale", "qwenimage": "true_cfg_scale", "wan": "guidance_scale"}[family]
     extra = {"num_frames": req.num_frames} if family == "wan" else {}
     if hasattr(a, "max_sequence_length"):
@@ -92,7 +91,7 @@ def test_cancel_from_on_step_propagates(tiny_pipes):
     cond = a.encode(pipe, prompt=PROMPT, negative_prompt=None, device=CPU)
     seen = []
 
-    def on_step(done, total):
+    def on_step(done, total, preview):
         seen.append(done)
         raise Cancelled(f"stop after {done}")
 
@@ -112,6 +111,43 @@ def test_staged_pipeline_gives_the_same_latents(tiny_dirs, tiny_pipes, family):
     latents = a.denoise(staged, cond=cond, request=request(family), device=CPU)
     ref = a.reference(tiny_pipes[family], prompt=PROMPT, negative_prompt="low quality", request=request(family))
     assert (latents - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family", ["flux", "qwenimage"])
+def test_img2img_on_the_staged_pipeline_equals_diffusers_img2img(tiny_dirs, tiny_pipes, family):
+    """denoise < 1 with init latents, on a transformer-only pipeline (no VAE: the img2img pipeline must still take
+    the latents as latents), equals the family's diffusers img2img pipeline on the full pipeline."""
+    from diffusers import FluxImg2ImgPipeline, QwenImageImg2ImgPipeline
+
+    a, full = adapter_for(family), tiny_pipes[family]
+    fmt = latent_format({"family": family, "components": {"vae": dict(full.vae.config)}})
+    init = a.reference(full, prompt="a house", negative_prompt=None, request=request(family, seed=3))
+    cond = a.encode(full, prompt=PROMPT, negative_prompt=None, device=CPU)
+    staged = load_pipeline(tiny_dirs[family], components=set(a.denoise_components))
+    staged.set_progress_bar_config(disable=True)
+    req = ImageRequest(seed=5, steps=3, guidance=GUIDANCE[family], height=64, width=64, denoise=0.6)
+    steps = []
+    got = a.denoise(staged, cond=cond, request=req, device=CPU, init_latents=init,
+                    on_step=lambda i, n, preview=None: steps.append((i, n)))
+    assert steps == [(1, 2), (2, 2)]  # strength 0.6 of 3 steps: diffusers skips int(3 - 1.8) = 1 step
+    cls = FluxImg2ImgPipeline if family == "flux" else QwenImageImg2ImgPipeline
+    extra = {"guidance_scale": req.guidance} if family == "flux" else {"true_cfg_scale": req.guidance}
+    if family == "flux":
+        extra["max_sequence_length"] = a.max_sequence_length(full)
+    packed = cls.from_pipe(full)(prompt=PROMPT, image=init if family == "flux" else init[:, :, 0], strength=0.6,
+                                 height=64, width=64, num_inference_steps=3,
+                                 generator=torch.Generator("cpu").manual_seed(5), output_type="latent",
+                                 return_dict=False, **extra)[0]
+    expected = full._unpack_latents(packed, 64, 64, full.vae_scale_factor)
+    assert got.shape == expected.shape == init.shape
+    assert (got - expected).abs().max().item() <= TOL
+    assert (got - a.reference(full, prompt=PROMPT, negative_prompt=None, request=req,
+                              init_latents=init)).abs().max().item() <= TOL
+    # The init image matters, and the result is not the init image.
+    assert (got - init).abs().max() > 1e-2
+    other = a.denoise(staged, cond=cond, request=req, device=CPU, init_latents=torch.zeros_like(init))
+    assert (other - got).abs().max() > 1e-2
+    assert fmt.process_out(got).shape == got.shape
 
 
 def test_initial_noise_is_what_the_pipeline_draws(tiny_pipes):
@@ -185,3 +221,19 @@ def test_adapters_declare_family(tiny_dirs):
         assert a.name == family.value
         assert read_model_config(tiny_dirs[family.value])["class_name"] in a.pipeline_class_names
     assert adapter_for("wan").is_video and not adapter_for("flux").is_video
+
+
+@pytest.mark.parametrize("family", ["flux", "qwenimage", "wan"])
+def test_step_previews_are_x0_estimates_in_comfyui_layout(tiny_pipes, family):
+    """Each step offers its x0 estimate in the layout ComfyUI's previewers take (Flux [1, C, h, w]; Qwen-Image and
+    Wan one frame, [1, C, 1, h, w]); an Euler step's estimate at the last step is the final latent."""
+    pipe, a = tiny_pipes[family], adapter_for(family)
+    cond = a.encode(pipe, prompt=PROMPT, negative_prompt=None, device=CPU)
+    previews = []
+    latents = a.denoise(pipe, cond=cond, request=request(family, steps=3), device=CPU,
+                        on_step=lambda done, total, preview: previews.append(preview()))
+    frame = latents if family != "wan" else latents[:, :, :1]  # Qwen-Image is [1, C, 1, h, w] already
+    assert [p.shape for p in previews] == [frame.shape] * 3
+    assert (previews[0] - previews[-1]).abs().max() > 1e-3  # a new estimate each step
+    if family != "wan":  # Wan's UniPC keeps the model's x0 prediction, not the final latent
+        assert (previews[-1].cpu() - frame).abs().max() < 1e-5

@@ -15,11 +15,11 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from dist_backend.errors import ConfigError
-from dist_backend.strategies.placement import (
+from dist_backend.planning.placement import (
     Stage, build_meta_model, cast_like_loader, component_sizes, format_max_memory, parse_max_memory, plan_placement,
     split_module, to_diffusers_kwargs,
 )
-from dist_backend.strategies.placement_meta import module_bytes
+from dist_backend.planning.meta_sizes import module_bytes
 
 GB = 10**9
 FLUX_STAGES = {"text_encoder": "encode", "text_encoder_2": "encode", "tokenizer": "encode", "tokenizer_2": "encode",

@@ -1,4 +1,4 @@
-"""device_map sharding of one rank's components over its GPUs: the plan (pure, see strategies/placement.py) for
+"""device_map sharding of one rank's components over its GPUs: the plan (pure, see placement.py) for
 a model folder, and the per-component `from_pretrained` keyword arguments that realise it."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .config import Offload, SessionConfig
+from ..config import Offload, SessionConfig
 
 
 def stage_map(adapter) -> dict[str, str]:
@@ -19,7 +19,7 @@ def plan_for_model(model_dir: str, *, config: SessionConfig, adapter, budgets: d
     ConfigError with the arithmetic when a stage does not fit; runs on meta-device models (no weights read)."""
     import torch
 
-    from .strategies.placement import build_meta_models, component_sizes, plan_placement
+    from .placement import build_meta_models, component_sizes, plan_placement
 
     dtype = getattr(torch, config.dtype.value)
     stages = {c: s for c, s in stage_map(adapter).items() if c in models}
@@ -31,7 +31,7 @@ def plan_for_model(model_dir: str, *, config: SessionConfig, adapter, budgets: d
 
 def rank_budgets(config: SessionConfig, gpus: tuple[int, ...]) -> dict[int, int]:
     """max_memory when given, else 90 % of what each of the rank's GPUs has free now (activations need the rest)."""
-    from .strategies.placement import parse_max_memory
+    from .placement import parse_max_memory
 
     if config.max_memory:
         return parse_max_memory(config.max_memory)
@@ -41,7 +41,7 @@ def rank_budgets(config: SessionConfig, gpus: tuple[int, ...]) -> dict[int, int]
 
 
 def load_kwargs_for(plan, adapter, gpus: tuple[int, ...]) -> Callable[[str], dict[str, Any]]:
-    from .strategies.placement import to_diffusers_kwargs
+    from .placement import to_diffusers_kwargs
 
     stages = stage_map(adapter)
 

@@ -15,7 +15,7 @@ On a rank without GPUs (empty budgets) the plan collapses to "cpu": every compon
 no device_map at all (`to_diffusers_kwargs` returns {}). We do not pass `device_map="balanced"` on CPU: diffusers
 then loads everything on the CPU anyway (FACTS.md), and RAM is not budgeted here.
 
-Meta-model helpers (`component_sizes`, `build_meta_models`, `split_module`) live in `placement_meta`.
+Meta-model helpers (`component_sizes`, `build_meta_models`, `split_module`) live in `meta_sizes`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 from ..config import DeviceMapPolicy
 from ..errors import ConfigError
-from .placement_meta import (  # re-exported: one import site for the loader
+from .meta_sizes import (  # re-exported: one import site for the loader
     build_meta_model, build_meta_models, cast_like_loader, component_sizes, human_bytes as _human, infer_split,
     module_bytes_per_device, split_module,
 )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ModelError
 
-if TYPE_CHECKING:  # torch is imported inside the functions, like the other strategies (see __init__)
+if TYPE_CHECKING:  # torch is imported inside the functions, as the package promises (see __init__)
     import torch
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,190 @@
+"""Build a pipeline on a rank from single files (`files.read_files_config`'s info): each file is memory-mapped
+(safetensors `safe_open`), its tensors renamed to the diffusers / transformers layout, fp8 weights dequantised,
+and loaded into a model made on the meta device from the architecture config. Light parts (tokenizers,
+scheduler) come from their folders. Nothing is downloaded.
+
+fp8: a float8_e4m3fn / e5m2 tensor is upcast in float32, multiplied by its layer's `scale_weight` when the file
+is ComfyUI's scaled fp8, then cast to the compute dtype (`dequantise`). With `weights: fp8` the transformer is
+then stored in float8_e4m3fn and upcast per layer at each forward (diffusers' `enable_layerwise_casting`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from .detect import SCALED_FP8_KEY, FileKind
+
+log = logging.getLogger(__name__)
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Tensors some real files carry that the transformers model has no place for (CLIP-L's projection head).
+_IGNORED = {FileKind.CLIP_TEXT: ("text_projection.weight", "logit_scale", "embeddings.position_ids")}
+
+
+# Layers that keep the compute dtype under `weights: fp8`: the small input embedders and the output layers, as
+# diffusers' defaults intend. Not "norm": `model.enable_layerwise_casting` adds Flux's own skip pattern "norm",
+# which also keeps the AdaLN modulation linears (norm1.linear, ~1/3 of FLUX.1's weights) in bf16: 0.64 of the
+# memory instead of 0.50 (FLUX.1-dev on the meta device: 22.2 GiB bf16, 14.1 vs 11.1 GiB). ComfyUI's fp8 files
+# hold those layers in fp8 too.
+FP8_SKIP_PATTERN = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "^proj_out$")
+
+
+def enable_fp8_storage(model: torch.nn.Module, *, compute_dtype: torch.dtype) -> None:
+    """Store the transformer's Linear / Conv weights in float8_e4m3fn, upcast per layer at each forward."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    apply_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                            skip_modules_pattern=FP8_SKIP_PATTERN)
+
+
+def dequantise(state: dict[str, torch.Tensor], *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """fp8 tensors -> `dtype` (times their layer's `scale_weight`, ComfyUI's scaled fp8); others cast to `dtype`.
+    `scale_weight` / `scale_input` entries are consumed. The one definition of the numerics (tests use it too)."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith((".scale_weight", ".scale_input")):
+            continue
+        if t.dtype in _FP8:
+            w = t.to(torch.float32)
+            scale = state.get(name[: -len("weight")] + "scale_weight") if name.endswith(".weight") else None
+            if scale is not None:
+                w = w * scale.to(torch.float32)
+            out[name] = w.to(dtype)
+        else:
+            out[name] = t.to(dtype)
+    return out
+
+
+def read_state(file: dict) -> dict[str, torch.Tensor]:
+    """The part's tensors under its prefix (prefix removed, marker key dropped), memory-mapped from the file."""
+    from safetensors import safe_open
+
+    prefix = file["prefix"]
+    out = {}
+    with safe_open(file["path"], framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key.startswith(prefix) and key[len(prefix):] != SCALED_FP8_KEY:
+                out[key[len(prefix):]] = f.get_tensor(key)
+    return out
+
+
+def _fill(model: torch.nn.Module, state: dict[str, torch.Tensor], *, path: str, allow_missing: Iterable[str] = ()):
+    """Load `state` into the meta-device `model` (assign: no copy); every parameter must come from the file."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k not in set(allow_missing)]
+    if missing or result.unexpected_keys:
+        raise ModelError(f"{path!r} does not fit the architecture: missing {missing[:5]}, unexpected "
+                         f"{result.unexpected_keys[:5]}; the file is of another model version or damaged")
+    return model
+
+
+def _empty(factory):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (position ids) real
+        return factory()
+
+
+def _check_no_meta(model: torch.nn.Module, path: str) -> None:
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ModelError(f"{path!r} lacks tensors {left[:5]}; the file is of another model version or damaged")
+
+
+def load_transformer(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    from .flux_layout import flux_to_diffusers
+
+    file = info["files"]["transformer"]
+    state = dequantise(read_state(file), dtype=dtype)
+    if file["kind"] == FileKind.FLUX_TRANSFORMER_BFL.value:
+        state = flux_to_diffusers(state, path=file["path"])
+    model = _empty(lambda: FluxTransformer2DModel.from_config(info["components"]["transformer"]))
+    _fill(model, state, path=file["path"])
+    _check_no_meta(model, file["path"])
+    model.eval().requires_grad_(False)  # built, not loaded by from_pretrained: train mode would keep dropout on
+    if info["weights"] == "fp8":
+        enable_fp8_storage(model, compute_dtype=dtype)
+    return model
+
+
+def load_vae(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    file = info["files"]["vae"]
+    config = info["components"]["vae"]
+    state = dequantise(read_state(file), dtype=dtype)
+    if file["kind"] == FileKind.LDM_VAE.value:
+        state = convert_ldm_vae_checkpoint(state, dict(config))
+    model = _empty(lambda: AutoencoderKL.from_config(config))
+    _fill(model, state, path=file["path"])
+    _check_no_meta(model, file["path"])
+    return model.eval().requires_grad_(False)
+
+
+def load_text_encoder(info: dict, part: str, *, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+
+    file = info["files"][part]
+    kind = FileKind(file["kind"])
+    config_dict = dict(info["components"][part])
+    if kind is FileKind.CLIP_TEXT:
+        cls, config = transformers.CLIPTextModel, transformers.CLIPTextConfig(**config_dict)
+    elif kind is FileKind.T5_ENCODER:
+        cls, config = transformers.T5EncoderModel, transformers.T5Config(**config_dict)
+    else:
+        raise AssertionError(kind)
+    state = dequantise(read_state(file), dtype=dtype)
+    for name in _IGNORED.get(kind, ()):
+        state.pop(name, None)
+    model = _empty(lambda: cls(config))
+    # T5 files keep the embedding once (shared.weight); the encoder's copy is tied to it below.
+    _fill(model, state, path=file["path"], allow_missing=("encoder.embed_tokens.weight",))
+    model.tie_weights()
+    _check_no_meta(model, file["path"])
+    if dtype == torch.float16:
+        # As transformers' from_pretrained does: T5's feed-forward output ("wo") overflows in float16.
+        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in keep:
+                module.to(torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizers(info: dict) -> dict[str, Any]:
+    import transformers
+
+    out = {}
+    for name, folder in info["tokenizers"].items():
+        if name == "tokenizer":
+            # ComfyUI's CLIP tokenizer says model_max_length 8192; the text encoder has 77 positions.
+            limit = info["components"]["text_encoder"]["max_position_embeddings"]
+            out[name] = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=limit)
+        else:
+            out[name] = transformers.AutoTokenizer.from_pretrained(folder)
+    return out
+
+
+def load_files_pipeline(info: dict, *, components: Iterable[str], dtype: torch.dtype):
+    """The family's pipeline with the heavy `components` built from their files, the others None."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    wanted = set(components)
+    built: dict[str, Any] = {name: None for name in info["models"]}
+    for name in wanted:
+        log.info("loading %s from %s", name, info["files"][name]["path"])
+        if name == "transformer":
+            built[name] = load_transformer(info, dtype=dtype)
+        elif name == "vae":
+            built[name] = load_vae(info, dtype=dtype)
+        else:
+            built[name] = load_text_encoder(info, name, dtype=dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(info["components"]["scheduler"])
+    return FluxPipeline(scheduler=scheduler, **load_tokenizers(info), **built)

@@ -1,0 +1,117 @@
+"""DistDiffLoadFiles: a model as ComfyUI users keep it (one file per part in models/diffusion_models, text_encoders
+and vae), with the same parallel settings as LoadSharded; outputs the same DISTDIFF_PIPELINE."""
+
+from __future__ import annotations
+
+from . import parallel_inputs
+from .common import CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, files_fingerprint, run_cancellable
+
+NONE = "none"
+# ComfyUI's folder names for each kind of file; older ComfyUI versions know only the second of a pair.
+_FOLDERS = {"diffusion": ("diffusion_models", "unet"), "text": ("text_encoders", "clip"), "vae": ("vae",)}
+
+
+def _folders(kind: str) -> list[str]:
+    import folder_paths
+
+    return [f for f in _FOLDERS[kind] if f in folder_paths.folder_names_and_paths]
+
+
+def list_files(kind: str) -> list[str]:
+    import folder_paths
+
+    names = {n for f in _folders(kind) for n in folder_paths.get_filename_list(f) if n.endswith(".safetensors")}
+    return sorted(names)
+
+
+def full_path(kind: str, name: str) -> str:
+    import folder_paths
+
+    from ..dist_backend.errors import ModelError
+
+    for folder in _folders(kind):
+        path = folder_paths.get_full_path(folder, name)
+        if path:
+            return path
+    raise ModelError(f"{name!r} is not in any of ComfyUI's {' / '.join(_FOLDERS[kind])} model folders; "
+                     "put the file there (or refresh the node list)")
+
+
+def comfy_root() -> str:
+    """The running ComfyUI's folder: its comfy/ folder bundles the CLIP, T5 and Qwen tokenizers."""
+    import os
+
+    import comfy
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.__file__)))
+
+
+class LoadFiles:
+    DESCRIPTION = ("Loads a model from the single files ComfyUI's own templates use (diffusion model, text "
+                   "encoders, VAE; fp16, fp8 or ComfyUI's scaled fp8) on the rank sidecar, with the same parallel "
+                   "settings as Load Sharded. Each rank memory-maps the files; nothing is converted on disk. "
+                   "Supported families: flux.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (PIPELINE,)
+    RETURN_NAMES = ("pipeline",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..dist_backend.pipelines import Family
+
+        diffusion = list_files("diffusion") or ["(put files in models/diffusion_models)"]
+        text = list_files("text") or ["(put files in models/text_encoders)"]
+        vae = list_files("vae") or ["(put files in models/vae)"]
+        return {
+            "required": {
+                "family": ([f.value for f in Family], {"default": "flux", "tooltip": "The model family of the files."}),
+                "diffusion_model": (diffusion, {"tooltip": "The diffusion model (Flux: flux1-dev.safetensors, also fp8)."}),
+                "text_encoder_1": (text, {"tooltip": "The first text encoder (Flux: clip_l.safetensors)."}),
+                "text_encoder_2": ([NONE, *text], {"default": NONE,
+                                                   "tooltip": "The second text encoder where the family has two "
+                                                              "(Flux: t5xxl_fp16 / t5xxl_fp8_e4m3fn); none otherwise."}),
+                "vae": (vae, {"tooltip": "The VAE (Flux: ae.safetensors)."}),
+                "weights": (["default", "fp8"], {"default": "default",
+                                                 "tooltip": "default: the transformer in the compute dtype (fp8 files "
+                                                            "are dequantised). fp8: kept in float8 and upcast per layer "
+                                                            "(about half the memory, a little slower)."}),
+                **parallel_inputs.REQUIRED,
+            },
+            "optional": {
+                **parallel_inputs.OPTIONAL,
+                "tokenizers_path": ("STRING", {"default": "",
+                                               "tooltip": "Folder with the tokenizers (a diffusers folder or a ComfyUI "
+                                                          "install); empty = this ComfyUI's bundled tokenizers."}),
+                "configs_path": ("STRING", {"default": "",
+                                            "tooltip": "A diffusers-layout folder whose config.json files describe the "
+                                                       "architecture; empty = the configs shipped for the model."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, diffusion_model, text_encoder_1, text_encoder_2, vae, **kwargs):
+        # As LoadSharded.IS_CHANGED: the output changes with the inputs and the files' contents, not the sidecar.
+        try:
+            return files_fingerprint([full_path("diffusion", diffusion_model), full_path("text", text_encoder_1),
+                                      full_path("vae", vae),
+                                      *([full_path("text", text_encoder_2)] if text_encoder_2 != NONE else [])])
+        except Exception:  # noqa: BLE001 - a missing file: load() raises the clear ModelError
+            return float("nan")
+
+    def load(self, family, diffusion_model, text_encoder_1, text_encoder_2, vae, weights, tokenizers_path="",
+             configs_path="", **settings):
+        from ..dist_backend.files import ModelFiles
+        from ..dist_backend.session import get_session
+
+        config = parallel_inputs.session_config(settings)
+        files = ModelFiles(
+            family=family, transformer=full_path("diffusion", diffusion_model),
+            text_encoder=full_path("text", text_encoder_1), vae=full_path("vae", vae),
+            text_encoder_2=full_path("text", text_encoder_2) if text_encoder_2 != NONE else "",
+            tokenizers=tokenizers_path.strip() or comfy_root(), configs=configs_path.strip(),
+            weights="fp8" if weights == "fp8" else "compute",
+        )
+        session = get_session(config)
+        info = run_cancellable(lambda: session.load(files, should_cancel=comfy_should_cancel()))
+        return (PipelineHandle(config=config, model_dir=info["model_dir"], family=info["family"], files=files),)
