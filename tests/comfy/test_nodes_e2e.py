@@ -208,7 +208,7 @@ def test_bad_input_returns_execution_error_with_our_message(server):
     errors = [e["data"] for e in events if e["type"] == "execution_error"]
     assert errors, [e["type"] for e in events]
     assert errors[0]["node_type"] == "LoadSharded"
-    assert "world_size (3) is not divisible by ring (1) × ulysses (2) = 2" in errors[0]["exception_message"]
+    assert "world_size (3) is not divisible by cfg (1) × ring (1) × ulysses (2) = 2" in errors[0]["exception_message"]
 
 
 def test_a_killed_rank_shows_as_the_node_error_and_the_next_prompt_runs(server):

@@ -90,8 +90,8 @@ def test_more_ranks_than_devices(tiny_dirs):
 
 
 @pytest.mark.parametrize("config, words", [
-    (dict(world_size=3, ulysses=2), ["world_size (3) is not divisible by ring (1) × ulysses (2) = 2"]),
-    (dict(world_size=4, dp=3, ulysses=2), ["dp (3) × ring (1) × ulysses (2) = 6, but world_size is 4"]),
+    (dict(world_size=3, ulysses=2), ["world_size (3) is not divisible by cfg (1) × ring (1) × ulysses (2) = 2"]),
+    (dict(world_size=4, dp=3, ulysses=2), ["dp (3) × cfg (1) × ring (1) × ulysses (2) = 6, but world_size is 4"]),
     (dict(dtype="float16"), ["float16", "device='cpu'"]),  # a dtype this device cannot run
 ])
 def test_config_refused_at_construction(config, words):

@@ -19,7 +19,7 @@ from dist_backend.pipelines.base import ImageRequest
 from dist_backend.session import Session
 from dist_backend.strategies.step_cache import step_cache
 
-from tests.dist.engine_cases import GUIDANCE, SIZE
+from tests.dist.engine_cases import GUIDANCE, SIZE, format_of
 
 TOL = 1e-4
 PROMPT = "a red fox in the snow"
@@ -33,6 +33,7 @@ def test_cached_cp_equals_cached_single_process(mode, threshold, tiny_dirs, tiny
     pipe = tiny_pipes["flux"]
     with step_cache(pipe.transformer, mode=mode, threshold=threshold, steps=STEPS) as expected_stats:
         expected = adapter_for("flux").reference(pipe, prompt=PROMPT, negative_prompt=None, request=request)
+    expected = format_of(tiny_pipes, "flux").process_out(expected)  # the session returns ComfyUI LATENTs
     session = Session(SessionConfig(world_size=2, ulysses=2, threads_per_rank=1, cache=mode,
                                     cache_threshold=threshold))
     try:
@@ -59,6 +60,7 @@ def test_cached_cfg_parallel_equals_cached_single_process(tiny_dirs, tiny_pipes)
     pipe = tiny_pipes["flux"]
     with step_cache(pipe.transformer, mode="first_block", threshold=threshold, steps=STEPS) as expected_stats:
         expected = adapter_for("flux").reference(pipe, prompt=PROMPT, negative_prompt=negative, request=request)
+    expected = format_of(tiny_pipes, "flux").process_out(expected)
     session = Session(SessionConfig(world_size=4, cfg=2, ulysses=2, threads_per_rank=1, cache="first_block",
                                     cache_threshold=threshold))
     try:

@@ -1,7 +1,8 @@
 """CFG parallel through the real sidecar (gloo ranks) against the plain diffusers pipeline in one process: the two
 guidance branches on the two halves (cfg 2, 2 ranks) and each half a 2-rank Ulysses group (cfg 2 × ulysses 2,
-4 ranks), for Qwen-Image and Wan with guidance > 1 and a negative prompt, and Flux with true CFG; calls without CFG
-are refused before any rank is called."""
+4 ranks), for Qwen-Image and Wan with guidance > 1 and a negative prompt, Flux with true CFG, and the two-expert Wan
+2.2 (both experts split, guidance_2 on the low-noise one); calls without CFG are refused before any rank is called.
+The session returns ComfyUI LATENTs, so the references go through the family's process_out."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from dist_backend.config import SessionConfig
 from dist_backend.errors import ConfigError
 from dist_backend.pipelines import adapter_for
 from dist_backend.pipelines.base import ImageRequest
+from dist_backend.pipelines.tiny import WAN22_BOUNDARY_RATIO, make_tiny
 from dist_backend.session import Session
 
+from tests.dist.engine_cases import SIZE, STEPS, format_of
 from tests.helpers import wait_no_ranks
-from tests.dist.engine_cases import SIZE, STEPS
 
 TOL = 1e-4
 NEGATIVE = "blurry, low quality"
@@ -33,9 +35,11 @@ def cfg_session(request):
 
 
 def _reference(pipes, family: str, *, seed: int):
+    """The plain pipeline in this process with the same CFG, as the ComfyUI LATENT the session returns."""
     guidance, true_cfg = KNOBS[family]
     request = ImageRequest(seed=seed, steps=STEPS, guidance=guidance, true_cfg_scale=true_cfg, **SIZE[family])
-    return adapter_for(family).reference(pipes[family], prompt=PROMPT, negative_prompt=NEGATIVE, request=request)
+    return format_of(pipes, family).process_out(
+        adapter_for(family).reference(pipes[family], prompt=PROMPT, negative_prompt=NEGATIVE, request=request))
 
 
 @pytest.mark.keeps_ranks
@@ -80,3 +84,39 @@ def test_calls_without_cfg_are_refused_before_any_rank(cfg_session, family, guid
         session.denoise(cond, seed=1, steps=STEPS, guidance=guidance, true_cfg_scale=true_cfg, **SIZE[family])
     assert words in str(info.value)
     assert session._sidecar.calls == calls  # refused on the host: no rank was called
+
+
+@pytest.fixture(scope="module")
+def wan22(tmp_path_factory):
+    """The tiny two-expert Wan (transformer + transformer_2, boundary_ratio) and the same pipeline in this process."""
+    from diffusers import DiffusionPipeline
+
+    folder = make_tiny("wan22", tmp_path_factory.mktemp("tiny") / "wan22", seed=0)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return folder, pipe
+
+
+@pytest.mark.keeps_ranks
+def test_cfg_parallel_splits_both_wan22_experts(cfg_session, wan22):
+    """Each step calls one expert for both branches; the split wraps both, so cfg 2 (and cfg 2 × ulysses 2) equals
+    one process with guidance on the high-noise expert and guidance_2 on the low-noise one."""
+    name, session = cfg_session
+    folder, pipe = wan22
+    pipe.scheduler.set_timesteps(STEPS)  # the tiny scheduler's 3 steps straddle the boundary: both experts run
+    boundary = WAN22_BOUNDARY_RATIO * pipe.scheduler.config.num_train_timesteps
+    assert (pipe.scheduler.timesteps >= boundary).any() and (pipe.scheduler.timesteps < boundary).any()
+    size = SIZE["wan"]
+    latents, _ = session.generate(model_dir=folder, prompts=[PROMPT], negative_prompt=NEGATIVE, seed=5, steps=STEPS,
+                                  guidance=2.0, guidance_2=4.0, **size)
+    request = ImageRequest(seed=5, steps=STEPS, guidance=2.0, guidance_2=4.0, **size)
+    expected = format_of({"wan": pipe}, "wan").process_out(
+        adapter_for("wan").reference(pipe, prompt=PROMPT, negative_prompt=NEGATIVE, request=request))
+    diff = float((latents - expected).abs().max())
+    print(f"\n[measured] wan22 two experts {name}: max abs diff vs one process = {diff:.3e}")
+    assert diff <= TOL
+    stats = session.last_cfg_stats
+    assert [s["forwards"] for s in stats] == [STEPS] * session.config.world_size, stats  # one branch per rank
+    assert all(s["exchanges"] == STEPS for s in stats), stats
+    if session.config.ulysses > 1:
+        assert session.last_cp_models == [["transformer", "transformer_2"]] * session.config.world_size
