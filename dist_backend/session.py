@@ -7,6 +7,7 @@ Everything that can be checked on the host is checked before a rank is started o
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import threading
 import time
@@ -18,8 +19,9 @@ import torch
 
 from .config import SessionConfig, check_devices
 from .driver import CancelFn, ProgressFn, Sidecar
-from .errors import ConfigError
+from .errors import ConfigError, SidecarError
 from .split import block_bounds, image_items
+from .status import SidecarState, StatusBoard, failure_from
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class Session:
         self._lock = threading.RLock()
         self.starts = 0
         self.timings = Timings()
+        self.status = StatusBoard()  # what a status panel shows (dist_backend/status.py)
         self.last_cp_modes: list[str | None] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -65,12 +68,14 @@ class Session:
                 if self._sidecar is not None:
                     self._sidecar.close()
                 check_devices(self.config)
-                t0 = time.monotonic()
-                self._sidecar = Sidecar(self.config)
-                self.starts += 1
-                self.timings.add("start", time.monotonic() - t0)
-                if self._model_dir is not None:
-                    self._sidecar.call("load", self._same({"model_dir": self._model_dir}))
+                with self._stage("start", state=SidecarState.STARTING):
+                    t0 = time.monotonic()
+                    self._sidecar = Sidecar(self.config)
+                    self.starts += 1
+                    self.timings.add("start", time.monotonic() - t0)
+                    if self._model_dir is not None:
+                        self.status.set_state(SidecarState.LOADING)
+                        self._sidecar.call("load", self._same({"model_dir": self._model_dir}))
             return self._sidecar
 
     def alive(self) -> bool:
@@ -85,6 +90,38 @@ class Session:
             if self._sidecar is not None:
                 self._sidecar.close()
             self._sidecar = None
+            self.status.set_state(SidecarState.NONE, stage=None, step=None, failure=None)
+
+    def restart(self) -> None:
+        """Stop the ranks and start fresh ones with the same model loaded (a status panel's Restart). Waits for
+        a running call to end (the session lock)."""
+        with self._lock:
+            self.close()
+            self.sidecar  # noqa: B018 - starts the ranks and reloads the model
+
+    @contextlib.contextmanager
+    def _stage(self, stage: str, *, state: SidecarState = SidecarState.RUNNING, **on_success):
+        """Tell the status board that `stage` runs; on a sidecar failure the board shows the failed rank, on any
+        other exception (cancel, bad input, the caller's own interrupt) the sidecar is as before the stage."""
+        started = self.status.begin(stage, state=state)
+        try:
+            yield
+        except SidecarError as e:
+            self.status.fail(failure_from(e, phase=stage))
+            raise
+        except BaseException:
+            alive = self._sidecar is not None and self._sidecar.alive()
+            self.status.set_state(SidecarState.READY if alive else SidecarState.NONE, stage=None)
+            raise
+        self.status.end(stage, started, **on_success)
+
+    def _progress(self, on_progress: ProgressFn | None) -> ProgressFn:
+        def update(done: int, total: int) -> None:
+            self.status.step(done, total)
+            if on_progress is not None:
+                on_progress(done, total)
+
+        return update
 
     def _same(self, payload: dict) -> list[dict]:
         return [payload] * self.config.world_size
@@ -116,7 +153,9 @@ class Session:
                 # The ranks drop the old model before loading the new one, so after any failure (or cancel) the
                 # session holds no model: nothing half-loaded is ever used, and a restart does not reload it.
                 self._model_dir = self._model_info = None
-                sidecar.call("load", self._same({"model_dir": model_dir}), should_cancel=should_cancel)
+                with self._stage("load", state=SidecarState.LOADING, model=Path(model_dir).name,
+                                 family=info["family"]):
+                    sidecar.call("load", self._same({"model_dir": model_dir}), should_cancel=should_cancel)
                 self._model_dir, self._model_info = model_dir, info
             self.timings.add("load", time.monotonic() - t0)
         return info
@@ -132,8 +171,10 @@ class Session:
             start, stop = block_bounds(len(prompts), world, rank)
             payloads.append({"prompts": prompts[start:stop], "negative_prompt": negative_prompt})
         with self._lock:
+            sidecar = self.sidecar
             t0 = time.monotonic()
-            results = self.sidecar.call("encode", payloads, should_cancel=should_cancel)
+            with self._stage("encode"):
+                results = sidecar.call("encode", payloads, should_cancel=should_cancel)
             self.timings.add("encode", time.monotonic() - t0)
         # Copies: large embeddings view the ranks' shared arenas, which the next call may overwrite.
         embeds = tuple({k: v.clone() for k, v in e.items()} for r in results for e in r["embeds"])
@@ -163,9 +204,11 @@ class Session:
                 "num_frames": num_frames, "cp_lengths": cp_lengths,
             })
         with self._lock:
+            sidecar = self.sidecar
             t0 = time.monotonic()
-            results = self.sidecar.call("denoise", payloads, on_progress=on_progress, should_cancel=should_cancel,
-                                        stepped=True)
+            with self._stage("denoise"):
+                results = sidecar.call("denoise", payloads, on_progress=self._progress(on_progress),
+                                       should_cancel=should_cancel, stepped=True)
             self.timings.add("denoise", time.monotonic() - t0)
         self.last_cp_modes = [r["cp_mode"] for r in results]  # what each rank really ran (tests check it)
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
@@ -184,8 +227,10 @@ class Session:
             start, stop = block_bounds(latents.shape[0], world, rank)
             payloads.append({"latents": latents[start:stop] if stop > start else None})  # encode copies it
         with self._lock:
+            sidecar = self.sidecar
             t0 = time.monotonic()
-            results = self.sidecar.call("decode", payloads, should_cancel=should_cancel)
+            with self._stage("decode"):
+                results = sidecar.call("decode", payloads, should_cancel=should_cancel)
             self.timings.add("decode", time.monotonic() - t0)
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)
 
