@@ -37,9 +37,10 @@ def _add_routes() -> None:
         return
     from aiohttp import web
 
-    from .status import status_payload
+    from .status import add_panel_routes, status_payload
 
     routes = PromptServer.instance.routes
+    add_panel_routes(routes)  # POST /distdiff/restart, and the live "distdiff.status" events
 
     @routes.post("/distdiff/release")
     async def release(request):
