@@ -1,8 +1,8 @@
 """The UI-format example workflows in the real graph editor (headless Chromium): each opens with every node known,
 the editor turns it into exactly our API-format file, our JS extension is loaded, and one runs from the browser.
 The DistDiff status panel opens on both frontends (sidebar tab on the modern one, floating panel on the legacy
-one); on the modern host it follows a run live (step counter moves), shows a killed rank's error with its log, and
-Release empties it. A screenshot of the panel during a run is written under the test's tmp dir (and, with
+one); on the modern host it follows a run live (step counter moves), shows a killed rank's error with its log,
+Restart brings fresh ranks, and Release empties it. A screenshot of the panel during a run is written under the test's tmp dir (and, with
 DISTDIFF_UPDATE_SCREENSHOTS=1, to docs/images/panel.png, linked from the README)."""
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_status_panel_opens(editor):
 
 
 @pytest.mark.modern_host
-def test_status_panel_follows_a_run_a_killed_rank_and_release(editor, tmp_path):
+def test_status_panel_follows_a_run_a_killed_rank_restart_and_release(editor, tmp_path):
     server, page, _ = editor
     page.set_viewport_size({"width": 1500, "height": 900})
     _open_panel(page)
@@ -183,6 +183,16 @@ def test_status_panel_follows_a_run_a_killed_rank_and_release(editor, tmp_path):
                            timeout=30_000)
     assert page.eval_on_selector_all(f"{PANEL} .distdiff-rank", "rs => rs.length") == 2
     assert page.text_content(f"{PANEL} .distdiff-timings").count("denoise") == 1
+
+    before = json.loads(server._http("GET", "/distdiff/status"))["pids"]
+    t0 = time.monotonic()
+    assert json.loads(server._http("POST", "/distdiff/restart", {}))["restarting"] is True
+    assert time.monotonic() - t0 < 2.0, "the restart route must answer at once (the restart runs off the loop)"
+    page.wait_for_function(  # fresh rank processes, the model loaded again
+        "(old) => { const rows = [...document.querySelectorAll('.distdiff-panel .distdiff-rank')];"
+        " return document.querySelector('.distdiff-panel .distdiff-state')?.textContent === 'ready' &&"
+        " rows.length === 2 && rows.every(r => !old.includes(Number(r.children[2].textContent))); }",
+        arg=before, timeout=120_000)
     page.click(f"{PANEL} .distdiff-release")
     page.wait_for_function(f"document.querySelector('{PANEL} .distdiff-state')?.textContent === 'none' && "
                            f"!document.querySelector('{PANEL} .distdiff-rank')", timeout=30_000)
