@@ -1,4 +1,4 @@
-"""Command line: generate, make-tiny, demo. Prints one JSON summary line on stdout; logs go to stderr."""
+"""Command line: generate, join, make-token, make-tiny, demo. Prints one JSON summary line on stdout; logs go to stderr."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import DistDiffError
+from .errors import ConfigError, DistDiffError
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -22,6 +22,22 @@ def _config_from_args(args: argparse.Namespace):
         max_memory=args.max_memory, dtype=args.dtype, attention_backend=args.attention_backend,
         offload=args.offload, threads_per_rank=args.threads_per_rank,
     )
+
+
+def _cluster_from_args(args: argparse.Namespace):
+    """ClusterConfig from --cluster/--listen/--token-file, or None without --cluster."""
+    from .cluster import ClusterConfig, parse_address, parse_cluster
+
+    if not args.cluster:
+        if args.listen or args.token_file:
+            raise ConfigError("--listen and --token-file only make sense with --cluster")
+        return None
+    if not args.listen or not args.token_file:
+        raise ConfigError("--cluster needs --listen ADDR:PORT (the head's address on the nodes' network) and "
+                          "--token-file FILE (mode 0600, the same token as on every node)")
+    host, port = parse_address(args.listen, what="--listen")
+    return ClusterConfig(spec=parse_cluster(args.cluster), listen_host=host, listen_port=port,
+                         token_file=args.token_file, join_timeout_s=args.join_timeout)
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +61,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .session import Session
 
     config = _config_from_args(args)  # validated here, before any rank starts
-    session = Session(config)
+    cluster = _cluster_from_args(args)
+    if cluster is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, host=cluster.listen_host)
+    session = Session(config, cluster=cluster)
     t0 = time.monotonic()
     try:
         latents, images = session.generate(
@@ -67,6 +88,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "images": paths,
     }
     print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from .join import EXIT_REFUSED, JoinRefused, run_join
+
+    try:
+        return run_join(head=args.head, token_file=args.token_file, nproc=args.nproc_per_node, device=args.device,
+                        wait_s=args.wait, once=args.once)
+    except JoinRefused as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def cmd_make_token(args: argparse.Namespace) -> int:
+    from .cluster import write_token
+
+    try:
+        path = write_token(args.out)
+    except FileExistsError:
+        raise ConfigError(f"{args.out} exists; a token is never overwritten (remove it first)") from None
+    print(json.dumps({"token_file": str(path)}), flush=True)  # the path, never the token
     return 0
 
 
@@ -103,7 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-tensors", action="store_true",
                      help="also write tensors.pt: the latents and the float images before PNG rounding")
     add_parallel_args(gen)
+    g = gen.add_argument_group("ranks on other machines (each runs `python -m dist_backend join`)")
+    g.add_argument("--cluster", default="", help="nodes and their ranks in rank order, e.g. 'local:2, 10.0.0.7:4' "
+                   "(--world-size must equal the sum)")
+    g.add_argument("--listen", default="", help="ADDR:PORT the head listens on for the nodes (one address)")
+    g.add_argument("--token-file", default="", help="file (mode 0600) with the cluster token (make-token)")
+    g.add_argument("--join-timeout", type=float, default=300.0, help="seconds to wait for every node to join")
     gen.set_defaults(func=cmd_generate)
+
+    join = sub.add_parser("join", help="give this machine's ranks to a head on another machine (starts torchrun)")
+    join.add_argument("--head", required=True, help="ADDR:PORT the head listens on (its --listen)")
+    join.add_argument("--token-file", required=True, help="file (mode 0600) with the cluster token")
+    join.add_argument("--nproc-per-node", type=int, required=True, help="ranks this machine runs")
+    join.add_argument("--device", default=None, choices=["cpu", "cuda"], help="refuse a head that runs another")
+    join.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for the head's next session")
+    join.add_argument("--once", action="store_true", help="serve one session, then exit with torchrun's code")
+    join.set_defaults(func=cmd_join)
+
+    token = sub.add_parser("make-token", help="write a new random cluster token into a new 0600 file")
+    token.add_argument("--out", required=True)
+    token.set_defaults(func=cmd_make_token)
 
     tiny = sub.add_parser("make-tiny", help="build a tiny random-weight pipeline offline")
     tiny.add_argument("--family", required=True, choices=["flux", "qwenimage", "wan"])

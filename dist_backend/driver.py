@@ -13,8 +13,9 @@ from typing import Any
 
 from . import launcher, protocol
 from .channel import ChannelClosed, ProtocolError
+from .cluster import ClusterConfig, is_local
 from .config import SessionConfig
-from .errors import REMOTE_TYPES, Cancelled, RankDied, RankError, RankTimeout, SidecarError
+from .errors import REMOTE_TYPES, Cancelled, RankError, RankTimeout, SidecarError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,10 @@ _POLL_S = 0.05
 class Sidecar:
     """A live set of rank processes for one SessionConfig."""
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, *, cluster: ClusterConfig | None = None) -> None:
         self.config = config
         self._ids = itertools.count(1)
-        self._launched = launcher.launch(config)
+        self._launched = launcher.launch(config, cluster=cluster)
         self.broken = False
         self._closed = False
         self._settled = True  # every rank has answered the current call (so the ranks are idle and consistent)
@@ -52,7 +53,7 @@ class Sidecar:
 
     @property
     def pids(self) -> list[int]:
-        return [p.popen.pid for p in self._launched.processes]
+        return [p.popen.pid for p in self._launched.processes if is_local(p.popen)]  # remote pids are other machines'
 
     @property
     def log_dir(self):
@@ -84,8 +85,7 @@ class Sidecar:
                     proc.channel.send(frame)
                 except ChannelClosed:  # the rank died between calls
                     self.broken = True
-                    raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
-                                   detail=proc.log_tail()) from None
+                    raise proc.died(phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S)) from None
             return self._collect(op, call_id, on_progress, should_cancel, stepped)
         except BaseException:
             # Whatever left a rank mid-call (a rank died, hung, broke the protocol, a stage was cut short, or the host
@@ -132,7 +132,7 @@ class Sidecar:
                 code = proc.popen.poll()
                 if code is not None:
                     self.broken = True
-                    raise RankDied(rank=proc.rank, phase=op, returncode=code, detail=proc.log_tail())
+                    raise proc.died(phase=op, returncode=code)
             if failure_at is not None and now - failure_at > failure_grace:
                 # The other ranks did not reach a step boundary: they wait in a collective for the failed one.
                 self.broken = True
@@ -162,8 +162,7 @@ class Sidecar:
                     # The channel closes as the process exits, a moment before it can be reaped: wait for the exit
                     # so the error names this rank and how it ended.
                     self.broken = True
-                    raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
-                                   detail=proc.log_tail()) from None
+                    raise proc.died(phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S)) from None
                 message = protocol.decode(frame, arena=proc.arena)
                 last_heard[proc.rank] = time.monotonic()
                 if not isinstance(message, dict) or message.get("id") != call_id:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .cluster import ClusterConfig, read_token
 from .config import SessionConfig, check_devices
 from .driver import CancelFn, ProgressFn, Sidecar
 from .errors import ConfigError
@@ -47,8 +48,12 @@ class Session:
     """A sidecar for one SessionConfig. Starts ranks lazily on the first call and restarts them after a failure
     (re-loading the model it had), so one dead rank costs one failed call, not a broken session."""
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, *, cluster: ClusterConfig | None = None) -> None:
+        if cluster is not None:
+            cluster.check(world_size=config.world_size, host=config.host)  # before any rank starts
+            read_token(cluster.token_file)  # exists, 0600, a token: refused now rather than at the first call
         self.config = config
+        self.cluster = cluster
         self._sidecar: Sidecar | None = None
         self._model_dir: str | None = None
         self._model_info: dict[str, Any] | None = None
@@ -66,7 +71,7 @@ class Session:
                     self._sidecar.close()
                 check_devices(self.config)
                 t0 = time.monotonic()
-                self._sidecar = Sidecar(self.config)
+                self._sidecar = Sidecar(self.config, cluster=self.cluster)
                 self.starts += 1
                 self.timings.add("start", time.monotonic() - t0)
                 if self._model_dir is not None:
