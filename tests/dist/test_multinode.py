@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from dist_backend.cluster import ClusterConfig, NodeLost, parse_cluster, write_token
+from dist_backend.cluster import ClusterConfig, NodeLost, NodeTimeout, parse_cluster, write_token
 from dist_backend.config import SessionConfig
 from dist_backend.pipelines import adapter_for
 from dist_backend.pipelines.base import ImageRequest
@@ -220,3 +220,25 @@ def test_ulysses2_a_killed_remote_rank_is_named_then_the_node_rejoins_and_equals
     node.send_signal(signal.SIGTERM)
     node.wait(timeout=15)
     assert wait_until(lambda: not ns_pids(), 15), [_cmdline(p) for p in ns_pids()]
+
+
+def test_a_node_that_never_joins_is_named_after_the_join_timeout(tmp_path, tiny_dirs):
+    """Needs no namespace: the head listens on loopback for a node that never comes."""
+    cluster = ClusterConfig(spec=parse_cluster("local:1, 127.0.0.2:1"), listen_host="127.0.0.1", listen_port=_port(),
+                            token_file=write_token(tmp_path / "t.token"), join_timeout_s=3.0)
+    session = Session(SessionConfig(world_size=2, threads_per_rank=1, start_timeout_s=3.0), cluster=cluster)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(NodeTimeout) as err:
+            session.load(tiny_dirs["flux"])
+    finally:
+        session.close()
+    assert err.value.node == "127.0.0.2" and err.value.ranks == [1]
+    assert "dist_backend join --head 127.0.0.1:" in str(err.value) and time.monotonic() - t0 < 15
+    assert not session.sidecar_pids()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
