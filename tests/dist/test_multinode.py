@@ -56,11 +56,25 @@ def ns_pids() -> list[int]:
             and psutil.Process(int(p)).status() != psutil.STATUS_ZOMBIE]
 
 
+def remote_ranks() -> list[int]:
+    """The node's rank processes (not its torchrun agent, whose command line names the module too)."""
+    return [p for p in ns_pids() if "dist_backend.join_rank" in _cmdline(p) and "torch.distributed.run" not in
+            _cmdline(p)]
+
+
 def _cmdline(pid: int) -> str:
     try:
         return " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
         return ""
+
+
+def listening(pids: list[int], *, namespace: str | None) -> list[str]:
+    """Local addresses of the TCP sockets `pids` listen on, as `ss` sees them in their network namespace."""
+    command = ["ss", "-Hltnp"] if namespace is None else ["ip", "netns", "exec", namespace, "ss", "-Hltnp"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30).stdout
+    return [line.split()[3].rsplit(":", 1)[0].strip("[]") for line in out.splitlines()
+            if any(f"pid={pid}," in line for pid in pids)]
 
 
 def wait_until(predicate, seconds: float) -> bool:
@@ -180,9 +194,8 @@ def test_ulysses2_a_killed_remote_rank_is_named_then_the_node_rejoins_and_equals
 
     def kill_remote_rank(done: int, total: int) -> None:
         if done >= 1 and not killed_at:
-            for pid in ns_pids():
-                if "dist_backend.join_rank" in _cmdline(pid):
-                    os.kill(pid, signal.SIGKILL)
+            for pid in remote_ranks():
+                os.kill(pid, signal.SIGKILL)  # only the rank: its torchrun agent must notice and leave by itself
             killed_at.append(time.monotonic())
 
     try:
@@ -203,10 +216,16 @@ def test_ulysses2_a_killed_remote_rank_is_named_then_the_node_rejoins_and_equals
         # The node's join, torchrun agent and rank are all up now: the token is on no command line or environment.
         pids = ns_pids()
         names = [_cmdline(pid) for pid in pids]
-        assert any("dist_backend.join_rank" in n for n in names) and any("torch.distributed.run" in n for n in names)
+        assert remote_ranks() and any("torch.distributed.run" in n for n in names)
         for pid in pids + session.sidecar_pids() + [os.getpid()]:
             assert token not in _cmdline(pid)
             assert token.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+        # Every socket our ranks listen on is on the named network: the head's rank (its store, gloo) on HEAD, the
+        # node's rank (gloo) on NODE. torchrun's agent listens on every interface (torch's TCPStore; documented).
+        head_rank = listening(session.sidecar_pids(), namespace=None)
+        node_rank = listening(remote_ranks(), namespace=NS)
+        assert head_rank and all(a == HEAD for a in head_rank), head_rank
+        assert node_rank and all(a == NODE for a in node_rank), node_rank
     finally:
         session.close()
     # Closing the head's channels is what releases the remote rank too: the node is back to waiting, alone.
