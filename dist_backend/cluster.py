@@ -70,6 +70,17 @@ class ClusterSpec:
     def node_at(self, address: str) -> ClusterNode | None:
         return next((n for n in self.remote if n.host == address), None)
 
+    def groups_across_nodes(self, group_size: int) -> list[tuple[list[int], list[str]]]:
+        """Consecutive rank groups of `group_size` (the context-parallel groups: the mesh is dp-major) that span
+        more than one node, with those nodes. CP exchanges activations every step; dp only at the end."""
+        out = []
+        for start in range(0, self.world_size, group_size):
+            ranks = list(range(start, min(start + group_size, self.world_size)))
+            hosts = list(dict.fromkeys(self.node_of(r).host for r in ranks))
+            if len(hosts) > 1:
+                out.append((ranks, hosts))
+        return out
+
     def text(self) -> str:
         return ", ".join(f"{n.host}:{n.nproc}" for n in self.nodes)
 

@@ -51,6 +51,10 @@ class Session:
     def __init__(self, config: SessionConfig, *, cluster: ClusterConfig | None = None) -> None:
         if cluster is not None:
             cluster.check(world_size=config.world_size, host=config.host)  # before any rank starts
+            for group, hosts in cluster.spec.groups_across_nodes(config.cp_degree):
+                log.warning("context-parallel ranks %s span nodes %s: their attention exchange crosses the network "
+                            "every step; give each node a multiple of ring × ulysses = %d ranks and let dp span "
+                            "the machines instead", group, hosts, config.cp_degree)
             read_token(cluster.token_file)  # exists, 0600, a token: refused now rather than at the first call
         self.config = config
         self.cluster = cluster
@@ -274,16 +278,16 @@ _registry_lock = threading.Lock()
 _atexit_registered = False
 
 
-def get_session(config: SessionConfig) -> Session:
-    """The live session for `config`: reused when the config is equal, replaced (old ranks stopped first, so
-    their GPUs are free) when it differs."""
+def get_session(config: SessionConfig, *, cluster: ClusterConfig | None = None) -> Session:
+    """The live session for `config` (and `cluster`, for ranks on other machines): reused when both are equal,
+    replaced (old ranks stopped first, so their GPUs are free) when either differs."""
     global _current, _atexit_registered
     with _registry_lock:
-        if _current is not None and _current.config != config:
+        if _current is not None and (_current.config != config or _current.cluster != cluster):
             _current.close()
             _current = None
         if _current is None:
-            _current = Session(config)
+            _current = Session(config, cluster=cluster)
             if not _atexit_registered:
                 atexit.register(shutdown_all)
                 _atexit_registered = True

@@ -27,6 +27,10 @@ def test_spec_gives_ranks_in_order():
     assert spec.node_of(5).host == "10.0.0.7" and spec.node_at("10.0.0.8").first_rank == 6
     assert spec.node_at("10.0.0.9") is None and spec.node_of(3).describe() == "node 10.0.0.7 (ranks 2–5)"
     assert parse_cluster(spec.text()) == spec
+    # CP groups (consecutive ranks) that cross machines are reported; inside one machine they are not.
+    assert spec.groups_across_nodes(2) == []  # 0–1 local, 2–3 and 4–5 on .7, 6 alone on .8
+    assert spec.groups_across_nodes(3) == [([0, 1, 2], ["local", "10.0.0.7"])]  # 3–5 all on .7
+    assert parse_cluster("local:1, 10.0.0.7:1").groups_across_nodes(2) == [([0, 1], ["local", "10.0.0.7"])]
 
 
 @pytest.mark.parametrize("text, words", [
