@@ -94,6 +94,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_join(args: argparse.Namespace) -> int:
     from .join import EXIT_REFUSED, JoinRefused, run_join
 
+    if "DISTDIFF_LOG_LEVEL" not in os.environ:
+        logging.getLogger("dist_backend").setLevel(logging.INFO)  # a long-running command: say when it joins
+
     try:
         return run_join(head=args.head, token_file=args.token_file, nproc=args.nproc_per_node, device=args.device,
                         wait_s=args.wait, once=args.once)

@@ -26,7 +26,7 @@ from .arena import Arena
 from .channel import Channel, ChannelTimeout, Listener, new_secret
 from .cluster import ClusterConfig, NodeLost, NodeTimeout, RemoteProcess, interface_of, is_local, read_token
 from .config import SessionConfig
-from .errors import ProtocolError, RankDied, RankTimeout
+from .errors import ConfigError, ProtocolError, RankDied, RankTimeout
 from . import protocol
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,11 @@ def launch(config: SessionConfig, *, cluster: ClusterConfig | None = None) -> La
         # The cluster's token replaces the per-session secret: the nodes' ranks must prove it too.
         cluster.check(world_size=config.world_size, host=config.host)
         secret, local_ranks = read_token(cluster.token_file), cluster.spec.local_ranks
-        listener = Listener(cluster.listen_host, cluster.listen_port)
+        try:
+            listener = Listener(cluster.listen_host, cluster.listen_port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {cluster.listen_host}:{cluster.listen_port}: {exc.strerror}; name an "
+                              "address of this machine and a free port (--listen)") from None
     log_dir = Path(tempfile.mkdtemp(prefix="distdiff-ranks-"))
     master_port = _free_port(config.host)
     base_env = dict(os.environ)

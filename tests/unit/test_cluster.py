@@ -127,3 +127,11 @@ def test_cli_refuses_bad_cluster_input_with_exit_2(tmp_path):
     run = _cli("make-token", "--out", str(tmp_path / "new.token"))
     assert run.returncode == 0 and stat.S_IMODE((tmp_path / "new.token").stat().st_mode) == 0o600
     assert (tmp_path / "new.token").read_text().strip() not in run.stdout + run.stderr
+
+
+def test_a_listen_address_this_machine_does_not_have_is_refused(tmp_path):
+    from dist_backend.launcher import launch
+
+    cluster = _cluster(tmp_path, spec="local:1, 10.0.0.7:1", listen_host="192.0.2.1")  # TEST-NET-1: never ours
+    with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1:29600"):
+        launch(SessionConfig(world_size=2, host="192.0.2.1"), cluster=cluster)
