@@ -162,8 +162,11 @@ def launch(config: SessionConfig, *, cluster: ClusterConfig | None = None) -> La
 
 def _handshake(launched: Launched, secret: bytes, config: SessionConfig, *, cluster: ClusterConfig | None = None,
                master_port: int = 0) -> None:
-    timeout_s = config.start_timeout_s if cluster is None else max(config.start_timeout_s, cluster.join_timeout_s)
-    deadline = time.monotonic() + timeout_s
+    # Local ranks get start_timeout_s to connect, the nodes' ranks join_timeout_s; the process group waits for both.
+    t0 = time.monotonic()
+    local_deadline = t0 + config.start_timeout_s
+    join_deadline = t0 + (cluster.join_timeout_s if cluster is not None else config.start_timeout_s)
+    deadline = max(local_deadline, join_deadline)
     by_rank = {p.rank: p for p in launched.processes}
     pending = set(range(config.world_size))
     while pending:
@@ -172,14 +175,17 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig, *, clus
         try:
             channel = launched.listener.accept(secret, timeout=min(0.5, max(0.01, deadline - time.monotonic())))
         except ChannelTimeout:
-            if time.monotonic() > deadline:
-                if cluster is not None:
-                    for node in cluster.spec.remote:
-                        if pending & set(node.ranks):
-                            raise NodeTimeout(node=node, missing=sorted(pending & set(node.ranks)), seconds=timeout_s,
-                                              listen=f"{cluster.listen_host}:{cluster.listen_port}") from None
-                raise RankTimeout(rank=min(pending), phase="start (connect)", seconds=config.start_timeout_s,
-                                  setting="start_timeout_s") from None
+            now = time.monotonic()
+            if cluster is not None and now > join_deadline:
+                for node in cluster.spec.remote:
+                    if pending & set(node.ranks):
+                        raise NodeTimeout(node=node, missing=sorted(pending & set(node.ranks)),
+                                          seconds=cluster.join_timeout_s,
+                                          listen=f"{cluster.listen_host}:{cluster.listen_port}") from None
+            local_pending = sorted(r for r in pending if r in by_rank and by_rank[r].channel is None)
+            if now > local_deadline and local_pending:
+                raise RankTimeout(rank=local_pending[0], phase="start (connect)",
+                                  seconds=config.start_timeout_s, setting="start_timeout_s") from None
             continue
         try:
             hello = protocol.decode(channel.recv(timeout=5.0))

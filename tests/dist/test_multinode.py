@@ -241,20 +241,29 @@ def test_ulysses2_a_killed_remote_rank_is_named_then_the_node_rejoins_and_equals
     assert wait_until(lambda: not ns_pids(), 15), [_cmdline(p) for p in ns_pids()]
 
 
-def test_a_node_that_never_joins_is_named_after_the_join_timeout(tmp_path, tiny_dirs):
-    """Needs no namespace: the head listens on loopback for a node that never comes."""
+def test_a_node_that_never_joins_is_named_and_a_join_from_elsewhere_is_refused(tmp_path, tiny_dirs):
+    """Needs no namespace: the head listens on loopback for node 127.0.0.2, which never comes; a join with the right
+    token from 127.0.0.1 (not a node of the cluster) is told why and exits 3."""
+    token = write_token(tmp_path / "t.token")
     cluster = ClusterConfig(spec=parse_cluster("local:1, 127.0.0.2:1"), listen_host="127.0.0.1", listen_port=_port(),
-                            token_file=write_token(tmp_path / "t.token"), join_timeout_s=3.0)
-    session = Session(SessionConfig(world_size=2, threads_per_rank=1, start_timeout_s=3.0), cluster=cluster)
+                            token_file=token, join_timeout_s=12.0)
+    stranger = subprocess.Popen(
+        [sys.executable, "-m", "dist_backend", "join", "--head", f"127.0.0.1:{cluster.listen_port}", "--token-file",
+         str(token), "--nproc-per-node", "1", "--once", "--wait", "60"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    session = Session(SessionConfig(world_size=2, threads_per_rank=1), cluster=cluster)
     t0 = time.monotonic()
     try:
         with pytest.raises(NodeTimeout) as err:
             session.load(tiny_dirs["flux"])
     finally:
         session.close()
+        out, _ = stranger.communicate(timeout=60)
     assert err.value.node == "127.0.0.2" and err.value.ranks == [1]
-    assert "dist_backend join --head 127.0.0.1:" in str(err.value) and time.monotonic() - t0 < 15
+    assert "dist_backend join --head 127.0.0.1:" in str(err.value) and time.monotonic() - t0 < 30
     assert not session.sidecar_pids()
+    assert stranger.returncode == 3 and "127.0.0.1 is not a node of this cluster" in out, out
 
 
 def _port() -> int:
