@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .cluster import ClusterConfig, read_token
 from .config import SessionConfig, check_devices
 from .driver import ABORT_GRACE_S, CancelFn, PreviewFn, ProgressFn, Sidecar
 from .errors import Cancelled, ConfigError, SidecarError, UnsupportedError
@@ -64,8 +65,16 @@ class Session:
     """A sidecar for one SessionConfig. Starts ranks lazily on the first call and restarts them after a failure
     (re-loading the model it had), so one dead rank costs one failed call, not a broken session."""
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, *, cluster: ClusterConfig | None = None) -> None:
+        if cluster is not None:
+            cluster.check(world_size=config.world_size, host=config.host)  # before any rank starts
+            for group, hosts in cluster.spec.groups_across_nodes(config.cp_degree):
+                log.warning("context-parallel ranks %s span nodes %s: their attention exchange crosses the network "
+                            "every step; give each node a multiple of ring × ulysses = %d ranks and let dp span "
+                            "the machines instead", group, hosts, config.cp_degree)
+            read_token(cluster.token_file)  # exists, 0600, a token: refused now rather than at the first call
         self.config = config
+        self.cluster = cluster
         self._sidecar: Sidecar | None = None
         self._model_dir: str | None = None  # the folder path, or a ModelFiles' key
         self._model_info: dict[str, Any] | None = None
@@ -89,7 +98,7 @@ class Session:
                 check_devices(self.config)
                 with self._stage("start", state=SidecarState.STARTING):
                     t0 = time.monotonic()
-                    self._sidecar = Sidecar(self.config)
+                    self._sidecar = Sidecar(self.config, cluster=self.cluster)
                     self.starts += 1
                     self.timings.add("start", time.monotonic() - t0)
                     if self._abort_reason is not None:  # closed from another thread while the ranks started
@@ -509,16 +518,16 @@ _registry_lock = threading.Lock()
 _atexit_registered = False
 
 
-def get_session(config: SessionConfig) -> Session:
-    """The live session for `config`: reused when the config is equal, replaced (old ranks stopped first, so
-    their GPUs are free) when it differs."""
+def get_session(config: SessionConfig, *, cluster: ClusterConfig | None = None) -> Session:
+    """The live session for `config` (and `cluster`, for ranks on other machines): reused when both are equal,
+    replaced (old ranks stopped first, so their GPUs are free) when either differs."""
     global _current, _atexit_registered
     with _registry_lock:
-        if _current is not None and _current.config != config:
+        if _current is not None and (_current.config != config or _current.cluster != cluster):
             _current.close()
             _current = None
         if _current is None:
-            _current = Session(config)
+            _current = Session(config, cluster=cluster)
             if not _atexit_registered:
                 atexit.register(shutdown_all)
                 _atexit_registered = True
