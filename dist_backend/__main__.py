@@ -1,4 +1,4 @@
-"""`python -m dist_backend generate | make-tiny | demo` (see cli.py)."""
+"""`python -m dist_backend generate | join | make-token | make-tiny | demo` (see cli.py)."""
 
 from .cli import main
 

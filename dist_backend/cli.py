@@ -1,4 +1,5 @@
-"""Command line: generate, plan, make-tiny, demo. Prints one JSON summary line on stdout; logs go to stderr."""
+"""Command line: generate, plan, join, make-token, make-tiny, demo. Prints one JSON summary line on stdout; logs go
+to stderr."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import DistDiffError
+from .errors import ConfigError, DistDiffError
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -39,6 +40,20 @@ def _model_from_args(args: argparse.Namespace):
         raise ConfigError("--files needs --family (e.g. --family flux)")
     return ModelFiles(family=args.family, **parse_files_arg(args.files), tokenizers=args.tokenizers or "",
                       configs=args.configs or "", weights=args.weights)
+def _cluster_from_args(args: argparse.Namespace):
+    """ClusterConfig from --cluster/--listen/--token-file, or None without --cluster."""
+    from .cluster import ClusterConfig, parse_address, parse_cluster
+
+    if not args.cluster:
+        if args.listen or args.token_file:
+            raise ConfigError("--listen and --token-file only make sense with --cluster")
+        return None
+    if not args.listen or not args.token_file:
+        raise ConfigError("--cluster needs --listen ADDR:PORT (the head's address on the nodes' network) and "
+                          "--token-file FILE (mode 0600, the same token as on every node)")
+    host, port = parse_address(args.listen, what="--listen")
+    return ClusterConfig(spec=parse_cluster(args.cluster), listen_host=host, listen_port=port,
+                         token_file=args.token_file, join_timeout_s=args.join_timeout)
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +92,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config, plan = auto_session_config(args)
     else:
         config = _config_from_args(args)  # validated here, before any rank starts
+    cluster = _cluster_from_args(args)
+    if cluster is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, host=cluster.listen_host)
     model = _model_from_args(args)
     init = read_latent_file(args.init_latent) if args.init_latent else None
-    session = Session(config)
+    session = Session(config, cluster=cluster)
     t0 = time.monotonic()
     try:
         latents, images = session.generate(
@@ -121,6 +141,29 @@ def parse_lora(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+def cmd_join(args: argparse.Namespace) -> int:
+    from .join import EXIT_REFUSED, JoinRefused, run_join
+
+    if "DISTDIFF_LOG_LEVEL" not in os.environ:
+        logging.getLogger("dist_backend").setLevel(logging.INFO)  # a long-running command: say when it joins
+
+    try:
+        return run_join(head=args.head, token_file=args.token_file, nproc=args.nproc_per_node, device=args.device,
+                        wait_s=args.wait, once=args.once)
+    except JoinRefused as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+def cmd_make_token(args: argparse.Namespace) -> int:
+    from .cluster import write_token
+
+    try:
+        path = write_token(args.out)
+    except FileExistsError:
+        raise ConfigError(f"{args.out} exists; a token is never overwritten (remove it first)") from None
+    print(json.dumps({"token_file": str(path)}), flush=True)  # the path, never the token
+    return 0
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -188,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--auto", action="store_true",
                      help="let the planner choose dp, ring, ulysses and gpus_per_rank for --world-size devices "
                           "(degrees given with other than their default are kept); the plan goes into the summary")
+    g = gen.add_argument_group("ranks on other machines (each runs `python -m dist_backend join`)")
+    g.add_argument("--cluster", default="", help="nodes and their ranks in rank order, e.g. 'local:2, 10.0.0.7:4' "
+                   "(--world-size must equal the sum)")
+    g.add_argument("--listen", default="", help="ADDR:PORT the head listens on for the nodes (one address)")
+    g.add_argument("--token-file", default="", help="file (mode 0600) with the cluster token (make-token)")
+    g.add_argument("--join-timeout", type=float, default=300.0, help="seconds to wait for every node to join")
     gen.set_defaults(func=cmd_generate)
 
     from .planning.command import add_plan_args, cmd_plan
@@ -195,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the parallel layout for a model and GPUs, starting nothing")
     add_plan_args(plan)
     plan.set_defaults(func=cmd_plan)
+
+    join = sub.add_parser("join", help="give this machine's ranks to a head on another machine (starts torchrun)")
+    join.add_argument("--head", required=True, help="ADDR:PORT the head listens on (its --listen)")
+    join.add_argument("--token-file", required=True, help="file (mode 0600) with the cluster token")
+    join.add_argument("--nproc-per-node", type=int, required=True, help="ranks this machine runs")
+    join.add_argument("--device", default=None, choices=["cpu", "cuda"], help="refuse a head that runs another")
+    join.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for the head's next session")
+    join.add_argument("--once", action="store_true", help="serve one session, then exit with torchrun's code")
+    join.set_defaults(func=cmd_join)
+
+    token = sub.add_parser("make-token", help="write a new random cluster token into a new 0600 file")
+    token.add_argument("--out", required=True)
+    token.set_defaults(func=cmd_make_token)
 
     tiny = sub.add_parser("make-tiny", help="build a tiny random-weight pipeline offline")
     tiny.add_argument("--family", required=True, choices=["flux", "qwenimage", "wan", "wan22"],

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import launcher, protocol
 from .channel import ChannelClosed, ChannelTimeout, FrameTooLarge, ProtocolError, wait_readable
+from .cluster import ClusterConfig, is_local
 from .config import SessionConfig
-from .errors import REMOTE_TYPES, Cancelled, RankDied, RankError, RankTimeout, SidecarError
+from .errors import REMOTE_TYPES, Cancelled, RankError, RankTimeout, SidecarError
 
 if TYPE_CHECKING:
     import torch
@@ -52,10 +53,10 @@ _POLL_S = 0.05
 class Sidecar:
     """A live set of rank processes for one SessionConfig."""
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, *, cluster: ClusterConfig | None = None) -> None:
         self.config = config
         self._ids = itertools.count(1)
-        self._launched = launcher.launch(config)
+        self._launched = launcher.launch(config, cluster=cluster)
         self.broken = False
         self._closed = False
         self._settled = True  # every rank has answered the current call (so the ranks are idle and consistent)
@@ -68,7 +69,7 @@ class Sidecar:
 
     @property
     def pids(self) -> list[int]:
-        return [p.popen.pid for p in self._launched.processes]
+        return [p.popen.pid for p in self._launched.processes if is_local(p.popen)]  # remote pids are other machines'
 
     @property
     def log_dir(self):
@@ -120,8 +121,7 @@ class Sidecar:
                                       setting="heartbeat_timeout_s") from None
                 except ChannelClosed:  # the rank died between calls
                     self.broken = True
-                    raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
-                                   detail=proc.log_tail()) from None
+                    raise proc.died(phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S)) from None
             return self._collect(op, call_id, on_progress, on_preview, should_cancel, stepped)
         except BaseException as exc:
             # Whatever left a rank mid-call (a rank died, hung, broke the protocol, a stage was cut short, or the host
@@ -140,6 +140,8 @@ class Sidecar:
         """SIGKILL every rank now, from any thread (a release that cannot wait for the running call): the call's
         own thread then sees the ranks gone, stops the rest and raises."""
         for proc in self._launched.processes:
+            if not is_local(proc.popen):
+                continue  # a node's rank: its pid is another machine's; closing its channel stops it
             try:
                 os.killpg(proc.popen.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -184,7 +186,7 @@ class Sidecar:
                 code = proc.popen.poll()
                 if code is not None:
                     self.broken = True
-                    raise RankDied(rank=proc.rank, phase=op, returncode=code, detail=proc.log_tail())
+                    raise proc.died(phase=op, returncode=code)
             if aborted_at is not None and now - aborted_at > ABORT_GRACE_S:
                 self.broken = True
                 raise Cancelled(f"{op} stopped: {self._abort_reason}; the ranks did not reach a step boundary within "
@@ -214,8 +216,7 @@ class Sidecar:
                     # The channel closes as the process exits, a moment before it can be reaped: wait for the exit
                     # so the error names this rank and how it ended.
                     self.broken = True
-                    raise RankDied(rank=proc.rank, phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S),
-                                   detail=proc.log_tail()) from None
+                    raise proc.died(phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S)) from None
                 except ChannelTimeout:  # announced a frame, then stopped sending it
                     self.broken = True
                     raise RankTimeout(rank=proc.rank, phase=f"{op} (mid-frame)", seconds=cfg.heartbeat_timeout_s,

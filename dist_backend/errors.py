@@ -51,6 +51,7 @@ class RankDied(SidecarError):
         self.rank = rank
         self.phase = phase
         self.returncode = returncode
+        self.detail = detail  # the end of its log, for a status panel
         how = f"exit code {returncode}" if returncode is None or returncode >= 0 else f"signal {-returncode}"
         super().__init__(
             f"rank {rank} died during {phase} ({how}){': ' + detail if detail else ''}. "

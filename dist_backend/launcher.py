@@ -24,8 +24,9 @@ from pathlib import Path
 from . import arena as arenas
 from .arena import Arena
 from .channel import Channel, ChannelTimeout, Listener, new_secret
+from .cluster import ClusterConfig, NodeLost, NodeTimeout, RemoteProcess, interface_of, is_local, read_token
 from .config import SessionConfig
-from .errors import RankDied, RankTimeout
+from .errors import ConfigError, ProtocolError, RankDied, RankTimeout
 from . import protocol
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,24 @@ class RankProcess:
             return ""
         return "\n".join(text[-lines:])
 
+    def died(self, *, phase: str, returncode: int | None) -> RankDied:
+        """The error for this rank having gone away (its exit seen, or its channel closed)."""
+        return RankDied(rank=self.rank, phase=phase, returncode=returncode,
+                        detail=f"its log ({self.log_path}) ends with:\n{self.log_tail()}")
+
+
+@dataclass
+class RemoteRank(RankProcess):
+    """A rank on another machine, started by that node's torchrun agent (see cluster.py and join.py)."""
+
+    node: str = ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        return f"(its log is on node {self.node}, in the output of `python -m dist_backend join`)"
+
+    def died(self, *, phase: str, returncode: int | None) -> RankDied:
+        return NodeLost(node=self.node, rank=self.rank, phase=phase)
+
 
 @dataclass
 class Launched:
@@ -61,6 +80,8 @@ class Launched:
     listener: Listener
     log_dir: Path
     started_s: float = field(default=0.0)
+    nodes: dict[str, Channel] = field(default_factory=dict)
+    """Control channel of each joined node's `join` process, by node address: closing it stops that node's agent."""
 
 
 def _free_port(host: str) -> int:
@@ -69,15 +90,26 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def launch(config: SessionConfig) -> Launched:
-    """Start every rank and wait until all are connected, authenticated and in the process group."""
+def launch(config: SessionConfig, *, cluster: ClusterConfig | None = None) -> Launched:
+    """Start every local rank, wait until all ranks (the nodes' too, with a cluster) are connected, authenticated
+    and in the process group."""
     from .worker import (ENV_CONFIG, ENV_HOST_ADDR, ENV_HOST_PORT, ENV_MASTER_PORT, ENV_PARENT_PID, ENV_RANK,
                          ENV_SECRET_FILE, ENV_ARENA_FD)
 
     t0 = time.monotonic()
     remove_old_logs()
-    secret = new_secret()
-    listener = Listener(config.host, 0)
+    if cluster is None:
+        secret, local_ranks = new_secret(), config.world_size
+        listener = Listener(config.host, 0)
+    else:
+        # The cluster's token replaces the per-session secret: the nodes' ranks must prove it too.
+        cluster.check(world_size=config.world_size, host=config.host)
+        secret, local_ranks = read_token(cluster.token_file), cluster.spec.local_ranks
+        try:
+            listener = Listener(cluster.listen_host, cluster.listen_port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {cluster.listen_host}:{cluster.listen_port}: {exc.strerror}; name an "
+                              "address of this machine and a free port (--listen)") from None
     # The host's pid in the name: a folder whose host still runs is never swept, however old.
     log_dir = Path(tempfile.mkdtemp(prefix=f"{LOG_DIR_PREFIX}{os.getpid()}-"))
     master_port = _free_port(config.host)
@@ -99,10 +131,15 @@ def launch(config: SessionConfig) -> Launched:
         # to the first network interface (seen on the H100 machine): keep them on loopback like everything else of
         # a single-machine sidecar, unless the user chose. NCCL moves data over P2P/NVLink/SHM on one machine.
         base_env.setdefault("GLOO_SOCKET_IFNAME" if config.device.value == "cpu" else "NCCL_SOCKET_IFNAME", "lo")
+    elif cluster is not None:
+        # Across machines the data plane must still stay on the named network: bind it to the listen address's
+        # interface (gloo would pick the hostname's address, NCCL the first interface).
+        base_env.setdefault("GLOO_SOCKET_IFNAME" if config.device.value == "cpu" else "NCCL_SOCKET_IFNAME",
+                            interface_of(cluster.listen_host))
     processes: list[RankProcess] = []
     launched = Launched(processes=processes, listener=listener, log_dir=log_dir)
     try:
-        for rank in range(config.world_size):
+        for rank in range(local_ranks):
             env = dict(base_env, **{ENV_RANK: str(rank)})
             arena = Arena.create(f"distdiff-rank{rank}") if arenas.supported() else None
             if arena is not None:
@@ -116,7 +153,7 @@ def launch(config: SessionConfig) -> Launched:
                     pass_fds=(arena.fd,) if arena is not None else (),
                 )
             processes.append(RankProcess(rank=rank, popen=popen, log_path=log_path, arena=arena))
-        _handshake(launched, secret, config)
+        _handshake(launched, secret, config, cluster=cluster, master_port=master_port)
     except BaseException:
         stop(launched, grace_s=2.0)
         raise
@@ -174,26 +211,62 @@ def _host_runs(pid_text: str) -> bool:
     return True
 
 
-def _handshake(launched: Launched, secret: bytes, config: SessionConfig) -> None:
-    deadline = time.monotonic() + config.start_timeout_s
+def _handshake(launched: Launched, secret: bytes, config: SessionConfig, *, cluster: ClusterConfig | None = None,
+               master_port: int = 0) -> None:
+    # Local ranks get start_timeout_s to connect, the nodes' ranks join_timeout_s; the process group waits for both.
+    t0 = time.monotonic()
+    local_deadline = t0 + config.start_timeout_s
+    join_deadline = t0 + (cluster.join_timeout_s if cluster is not None else config.start_timeout_s)
+    deadline = max(local_deadline, join_deadline)
     by_rank = {p.rank: p for p in launched.processes}
-    pending = set(by_rank)
+    pending = set(range(config.world_size))
     while pending:
         _check_alive(launched.processes, phase="start")
+        _check_nodes(launched, cluster, pending)
         try:
             channel = launched.listener.accept(secret, timeout=min(0.5, max(0.01, deadline - time.monotonic())))
         except ChannelTimeout:
-            if time.monotonic() > deadline:
-                raise RankTimeout(rank=min(pending), phase="start (connect)", seconds=config.start_timeout_s,
-                                  setting="start_timeout_s") from None
+            now = time.monotonic()
+            if cluster is not None and now > join_deadline:
+                for node in cluster.spec.remote:
+                    if pending & set(node.ranks):
+                        raise NodeTimeout(node=node, missing=sorted(pending & set(node.ranks)),
+                                          seconds=cluster.join_timeout_s,
+                                          listen=f"{cluster.listen_host}:{cluster.listen_port}") from None
+            local_pending = sorted(r for r in pending if r in by_rank and by_rank[r].channel is None)
+            if now > local_deadline and local_pending:
+                raise RankTimeout(rank=local_pending[0], phase="start (connect)",
+                                  seconds=config.start_timeout_s, setting="start_timeout_s") from None
             continue
-        hello = protocol.decode(channel.recv(timeout=5.0))
-        rank = hello.get("rank") if isinstance(hello, dict) else None
+        try:
+            hello = protocol.decode(channel.recv(timeout=5.0))
+        except ProtocolError:
+            channel.close()
+            continue
+        if not isinstance(hello, dict):
+            channel.close()
+            continue
+        peer = channel.sock.getpeername()[0]
+        if cluster is not None and hello.get("event") == protocol.Event.JOIN:
+            _admit_node(launched, channel, hello, peer=peer, config=config, cluster=cluster, master_port=master_port)
+            continue
+        rank = hello.get("rank")
         if hello.get("event") != protocol.Event.HELLO or rank not in pending:
             channel.close()
             continue
-        by_rank[rank].channel = channel
+        if rank in by_rank:
+            by_rank[rank].channel = channel
+        else:
+            node = cluster.spec.node_of(rank) if cluster is not None else None
+            if node is None or node.local or node.host != peer or node.host not in launched.nodes:
+                log.warning("refused a hello for rank %s from %s: not a rank of a joined node there", rank, peer)
+                channel.close()
+                continue
+            by_rank[rank] = RemoteRank(rank=rank, popen=RemoteProcess(pid=int(hello.get("pid", 0))),
+                                       log_path=launched.log_dir / f"rank{rank}.log", channel=channel, node=node.host)
+            launched.processes.append(by_rank[rank])
         pending.discard(rank)
+    launched.processes.sort(key=lambda p: p.rank)  # callers index payloads by rank
     # Every rank now joins the process group and reports ready.
     for proc in launched.processes:
         while True:
@@ -206,6 +279,45 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig) -> None
                 message = protocol.decode(proc.channel.recv(timeout=remaining))
                 if message.get("event") == protocol.Event.READY:
                     break
+
+
+def _admit_node(launched: Launched, channel: Channel, hello: dict, *, peer: str, config: SessionConfig,
+                cluster: ClusterConfig, master_port: int) -> None:
+    """A node's `join` proved the token: tell it which ranks it runs and how they meet us, or why not."""
+    node = cluster.spec.node_at(peer)
+    reason = None
+    if node is None:
+        reason = f"{peer} is not a node of this cluster ({cluster.spec.text()})"
+    elif node.host in launched.nodes:
+        reason = f"node {peer} has already joined this session"
+    elif hello.get("nproc") != node.nproc:
+        reason = f"the cluster expects {node.nproc} ranks from {peer}, but its join offers {hello.get('nproc')!r}"
+    if reason is not None:
+        log.warning("refused a join: %s", reason)
+        try:
+            channel.send(protocol.encode({"event": protocol.Event.REFUSED, "reason": reason}))
+        finally:
+            channel.close()
+        return
+    channel.send(protocol.encode({
+        "event": protocol.Event.ASSIGN, "first_rank": node.first_rank, "nproc": node.nproc, "world_size": config.world_size,
+        "config": config.to_json(), "host": cluster.listen_host, "port": cluster.listen_port,
+        "master_port": master_port, "env": [list(kv) for kv in config.env],
+    }))
+    launched.nodes[node.host] = channel
+    log.info("%s joined", node.describe())
+
+
+def _check_nodes(launched: Launched, cluster: ClusterConfig | None, pending: set[int]) -> None:
+    """A joined node whose agent went away before all its ranks connected (torchrun failed to start them)."""
+    if cluster is None:
+        return
+    for host, channel in list(launched.nodes.items()):
+        if channel.poll(0.0):
+            node = cluster.spec.node_at(host)
+            missing = sorted(pending & set(node.ranks))
+            if missing:
+                raise NodeLost(node=host, rank=missing[0], phase="start")
 
 
 def _write_secret(path: Path, secret: bytes) -> Path:
@@ -238,8 +350,12 @@ def stop(launched: Launched, *, grace_s: float = 5.0, remove_logs: bool = False)
             proc.channel.close()
             proc.channel = None
     _wait_all(launched.processes, grace_s)
+    for channel in launched.nodes.values():
+        channel.close()  # the node's `join` stops its agent if its ranks have not left by themselves
+    launched.nodes.clear()
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [p for p in launched.processes if p.popen.poll() is None]
+        # Only our own children are signalled: a remote rank's pid is another machine's.
+        alive = [p for p in launched.processes if is_local(p.popen) and p.popen.poll() is None]
         if not alive:
             break
         for proc in alive:

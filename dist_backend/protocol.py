@@ -47,6 +47,9 @@ class Event(WireEnum):
     PROGRESS = "progress"  # a leader finished a denoise step: done / total
     HEARTBEAT = "heartbeat"  # a CP non-leader finished a denoise step (alive; its progress is its leader's)
     ALIVE = "alive"  # the beat thread: the process runs (with "loading" while weights load)
+    JOIN = "join"  # a node's `join` asks for ranks (cluster.py), before any rank of it connects
+    ASSIGN = "assign"  # the head's answer to JOIN: the node's first rank, its count, the world size
+    REFUSED = "refused"  # the head's answer to a JOIN it does not admit, with the reason
 
 
 # Closed set of dtypes that may cross the channel, by name.

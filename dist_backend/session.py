@@ -7,6 +7,7 @@ Everything that can be checked on the host is checked before a rank is started o
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import threading
 import time
@@ -17,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .cluster import ClusterConfig, read_token
 from .config import SessionConfig, check_devices
 from .driver import ABORT_GRACE_S, CancelFn, PreviewFn, ProgressFn, Sidecar
-from .errors import Cancelled, ConfigError, UnsupportedError
+from .errors import Cancelled, ConfigError, SidecarError, UnsupportedError
 from .files import ModelFiles
 from .protocol import Op
 from .split import block_bounds, image_items
+from .status import SidecarState, StatusBoard, failure_from
 
 if TYPE_CHECKING:
     from .lora import LoraSpec
@@ -62,8 +65,16 @@ class Session:
     """A sidecar for one SessionConfig. Starts ranks lazily on the first call and restarts them after a failure
     (re-loading the model it had), so one dead rank costs one failed call, not a broken session."""
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, *, cluster: ClusterConfig | None = None) -> None:
+        if cluster is not None:
+            cluster.check(world_size=config.world_size, host=config.host)  # before any rank starts
+            for group, hosts in cluster.spec.groups_across_nodes(config.cp_degree):
+                log.warning("context-parallel ranks %s span nodes %s: their attention exchange crosses the network "
+                            "every step; give each node a multiple of ring × ulysses = %d ranks and let dp span "
+                            "the machines instead", group, hosts, config.cp_degree)
+            read_token(cluster.token_file)  # exists, 0600, a token: refused now rather than at the first call
         self.config = config
+        self.cluster = cluster
         self._sidecar: Sidecar | None = None
         self._model_dir: str | None = None  # the folder path, or a ModelFiles' key
         self._model_info: dict[str, Any] | None = None
@@ -73,6 +84,7 @@ class Session:
         self._abort_reason: str | None = None  # set by close() from another thread while a call holds _lock
         self.starts = 0
         self.timings = Timings()
+        self.status = StatusBoard()  # what a status panel shows (dist_backend/status.py)
         self.last_cp_modes: list[str | None] = []
         # Per rank, under cfg = 2: {"forwards", "exchanges", "bytes_sent"} of the last denoise (None with cfg = 1).
         self.last_cfg_stats: list[dict[str, int] | None] = []
@@ -89,17 +101,19 @@ class Session:
                 if self._sidecar is not None:
                     self._sidecar.close()
                 check_devices(self.config)
-                t0 = time.monotonic()
-                self._sidecar = Sidecar(self.config)
-                self.starts += 1
-                self.timings.add("start", time.monotonic() - t0)
-                if self._abort_reason is not None:  # closed from another thread while the ranks started
-                    self._sidecar.request_abort(self._abort_reason)
-                if self._load_message is not None:
-                    self._sidecar.call(Op.LOAD, self._same(self._load_message))
-                    if self._loras:
-                        self._sidecar.call(Op.SET_LORAS,
-                                           self._same({"loras": [s.to_message() for s in self._loras]}))
+                with self._stage("start", state=SidecarState.STARTING):
+                    t0 = time.monotonic()
+                    self._sidecar = Sidecar(self.config, cluster=self.cluster)
+                    self.starts += 1
+                    self.timings.add("start", time.monotonic() - t0)
+                    if self._abort_reason is not None:  # closed from another thread while the ranks started
+                        self._sidecar.request_abort(self._abort_reason)
+                    if self._load_message is not None:
+                        self.status.set_state(SidecarState.LOADING)
+                        self._sidecar.call(Op.LOAD, self._same(self._load_message))
+                        if self._loras:
+                            self._sidecar.call(Op.SET_LORAS,
+                                               self._same({"loras": [s.to_message() for s in self._loras]}))
             return self._sidecar
 
     def alive(self) -> bool:
@@ -134,16 +148,41 @@ class Session:
             if self._sidecar is not None:
                 self._sidecar.close()
             self._sidecar = None
+            self.status.set_state(SidecarState.NONE, stage=None, step=None, failure=None)
         finally:
             self._abort_reason = None
             self._lock.release()
 
     def restart(self) -> None:
         """Stop the ranks and start fresh ones with the same config and model (a call in progress stops first,
-        as for close). Blocks until the new ranks are ready; run it off the event loop."""
+        as for close; a status panel's Restart). Blocks until the new ranks are ready; run it off the event loop."""
         self.close(reason="the sidecar was restarted")
         with self._lock:
-            self.sidecar  # starts the ranks and reloads the model this session had
+            self.sidecar  # noqa: B018 - starts the ranks and reloads the model this session had
+
+    @contextlib.contextmanager
+    def _stage(self, stage: str, *, state: SidecarState = SidecarState.RUNNING, **on_success):
+        """Tell the status board that `stage` runs; on a sidecar failure the board shows the failed rank, on any
+        other exception (cancel, bad input, the caller's own interrupt) the sidecar is as before the stage."""
+        started = self.status.begin(stage, state=state)
+        try:
+            yield
+        except SidecarError as e:
+            self.status.fail(failure_from(e, phase=stage))
+            raise
+        except BaseException:
+            alive = self._sidecar is not None and self._sidecar.alive()
+            self.status.set_state(SidecarState.READY if alive else SidecarState.NONE, stage=None)
+            raise
+        self.status.end(stage, started, **on_success)
+
+    def _progress(self, on_progress: ProgressFn | None) -> ProgressFn:
+        def update(done: int, total: int) -> None:
+            self.status.step(done, total)
+            if on_progress is not None:
+                on_progress(done, total)
+
+        return update
 
     def _same(self, payload: dict) -> list[dict]:
         return [payload] * self.config.world_size
@@ -185,7 +224,9 @@ class Session:
                 # session holds no model: nothing half-loaded is ever used, and a restart does not reload it.
                 self._model_dir = self._model_info = self._load_message = None
                 self._loras = ()  # the ranks drop LoRAs with the model they belong to
-                sidecar.call(Op.LOAD, self._same(message), should_cancel=should_cancel)
+                with self._stage("load", state=SidecarState.LOADING, model=Path(info["model_dir"]).name,
+                                 family=info["family"]):
+                    sidecar.call(Op.LOAD, self._same(message), should_cancel=should_cancel)
                 self._model_dir, self._model_info, self._load_message = model_dir, info, message
             self.timings.add("load", time.monotonic() - t0)
         return info
@@ -232,9 +273,11 @@ class Session:
             start, stop = block_bounds(len(prompts), world, rank)
             payloads.append({"prompts": prompts[start:stop], "negative_prompt": negative_prompt})
         with self._lock:
+            sidecar = self.sidecar
             t0 = time.monotonic()
-            results = self.sidecar.call(Op.ENCODE, payloads, should_cancel=should_cancel,
-                                        result_bytes=len(prompts) * EMBED_BYTES_PER_PROMPT)
+            with self._stage("encode"):
+                results = sidecar.call(Op.ENCODE, payloads, should_cancel=should_cancel,
+                                       result_bytes=len(prompts) * EMBED_BYTES_PER_PROMPT)
             self.timings.add("encode", time.monotonic() - t0)
         # Copies: large embeddings view the ranks' shared arenas, which the next call may overwrite.
         embeds = tuple({k: v.clone() for k, v in e.items()} for r in results for e in r["embeds"])
@@ -311,12 +354,14 @@ class Session:
                 "preview_every": preview_every if on_preview is not None and rank == 0 else 0,
             })
         with self._lock:
+            sidecar = self.sidecar
             t0 = time.monotonic()
             try:
-                results = self.sidecar.call(Op.DENOISE, payloads, on_progress=on_progress, on_preview=on_preview,
-                                            should_cancel=should_cancel, stepped=True,
-                                            result_bytes=len(items) * num_frames * height * width
-                                            * LATENT_BYTES_PER_PIXEL)
+                with self._stage("denoise"):
+                    results = sidecar.call(Op.DENOISE, payloads, on_progress=self._progress(on_progress),
+                                           on_preview=on_preview, should_cancel=should_cancel, stepped=True,
+                                           result_bytes=len(items) * num_frames * height * width
+                                           * LATENT_BYTES_PER_PIXEL)
             except BaseException:
                 if self._loras:
                     self._loras = None  # a rank that failed applying a LoRA dropped its set (RankEngine._sync_loras)
@@ -352,9 +397,11 @@ class Session:
             start, stop = block_bounds(latents.shape[0], world, rank)
             payloads.append({"latents": latents[start:stop] if stop > start else None})  # encode copies it
         with self._lock:
+            sidecar = self.sidecar
             t0 = time.monotonic()
-            results = self.sidecar.call(Op.DECODE, payloads, should_cancel=should_cancel,
-                                        result_bytes=latents[:, 0].numel() * IMAGE_BYTES_PER_LATENT_PIXEL)
+            with self._stage("decode"):
+                results = sidecar.call(Op.DECODE, payloads, should_cancel=should_cancel,
+                                       result_bytes=latents[:, 0].numel() * IMAGE_BYTES_PER_LATENT_PIXEL)
             self.timings.add("decode", time.monotonic() - t0)
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)
 
@@ -520,16 +567,16 @@ _registry_lock = threading.Lock()
 _atexit_registered = False
 
 
-def get_session(config: SessionConfig) -> Session:
-    """The live session for `config`: reused when the config is equal, replaced (old ranks stopped first, so
-    their GPUs are free) when it differs."""
+def get_session(config: SessionConfig, *, cluster: ClusterConfig | None = None) -> Session:
+    """The live session for `config` (and `cluster`, for ranks on other machines): reused when both are equal,
+    replaced (old ranks stopped first, so their GPUs are free) when either differs."""
     global _current, _atexit_registered
     with _registry_lock:
-        if _current is not None and _current.config != config:
+        if _current is not None and (_current.config != config or _current.cluster != cluster):
             _current.close()
             _current = None
         if _current is None:
-            _current = Session(config)
+            _current = Session(config, cluster=cluster)
             if not _atexit_registered:
                 atexit.register(shutdown_all)
                 _atexit_registered = True

@@ -23,6 +23,7 @@ ENV_HOST_ADDR = "DISTDIFF_HOST_ADDR"
 ENV_HOST_PORT = "DISTDIFF_HOST_PORT"
 ENV_MASTER_PORT = "DISTDIFF_MASTER_PORT"
 ENV_PARENT_PID = "DISTDIFF_PARENT_PID"
+ENV_LOCAL_GPUS = "DISTDIFF_LOCAL_GPUS"  # set by join_rank: a joined node's GPU indices, not the global rank's
 
 EXIT_PARENT_GONE = 70
 log = logging.getLogger("dist_backend.worker")
@@ -92,6 +93,8 @@ def main() -> int:
     torch.set_num_threads(config.rank_threads())
     if config.device.value == "cuda":
         gpus = config.rank_gpus(rank)
+        if os.environ.get(ENV_LOCAL_GPUS):
+            gpus = tuple(int(g) for g in os.environ[ENV_LOCAL_GPUS].split(","))
         torch.cuda.set_device(gpus[0])
         device = torch.device("cuda", gpus[0])
         backend = "nccl"

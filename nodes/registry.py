@@ -41,9 +41,10 @@ def _add_routes() -> None:
         return
     from aiohttp import web
 
-    from .status import status_payload
+    from .status import add_status_events, status_payload
 
     routes = PromptServer.instance.routes
+    add_status_events()  # the live "distdiff.status" events of the panel
 
     @routes.post("/distdiff/release")
     async def release(request):

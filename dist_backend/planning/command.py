@@ -88,7 +88,7 @@ def auto_session_config(args: argparse.Namespace):
         # The planner reads a diffusers folder's configs; single files (--files) have no hook here yet.
         raise ConfigError("--auto plans from a diffusers folder's configs: give --model DIR (not --files), or set "
                           "the degrees by hand")
-    hand = {k: v for k, v in (("dp", args.dp), ("ring", args.ring), ("ulysses", args.ulysses),
+    hand = {k: v for k, v in (("dp", args.dp), ("cfg", args.cfg), ("ring", args.ring), ("ulysses", args.ulysses),
                               ("gpus_per_rank", args.gpus_per_rank)) if v not in (0, 1)}
     if args.offload != "resident":
         hand["offload"] = args.offload
@@ -108,5 +108,6 @@ def auto_session_config(args: argparse.Namespace):
     chosen = plan(model=read_model_facts(args.model), gpus=gpus, request=request, hand=Hand(**hand))
     kwargs = session_kwargs(chosen, device=args.device, dtype=args.dtype)
     config = SessionConfig(**kwargs, attention_backend=args.attention_backend, threads_per_rank=args.threads_per_rank,
-                           max_memory=args.max_memory if chosen.gpus_per_rank > 1 else "")
+                           max_memory=args.max_memory if chosen.gpus_per_rank > 1 else "", compile=args.compile,
+                           cache=args.cache, cache_threshold=args.cache_threshold)
     return config, chosen

@@ -1,0 +1,32 @@
+"""A rank on a joined node: `torchrun … --module dist_backend.join_rank`, started by `dist_backend join`.
+
+torchrun gives LOCAL_RANK; the head gave this node its first global rank. From there the rank is an ordinary
+worker: it proves the token, says hello with its global rank and joins the process group through rank 0's store on
+the head. Its parent (the one whose death ends it) is torchrun's agent.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> int:
+    from .join import ENV_DEVICE, ENV_FIRST_RANK
+    from .worker import ENV_LOCAL_GPUS, ENV_PARENT_PID, ENV_RANK
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    os.environ[ENV_RANK] = str(int(os.environ[ENV_FIRST_RANK]) + local_rank)
+    os.environ[ENV_PARENT_PID] = str(os.getppid())
+    if os.environ.get(ENV_DEVICE) == "cuda":
+        os.environ[ENV_LOCAL_GPUS] = str(local_rank)  # this machine's GPU, not the global rank's index
+    from .worker import main as worker_main
+
+    return worker_main()
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,128 @@
+"""What a Session is doing, as a typed snapshot that a status panel can show (no ComfyUI, no processes here).
+
+The Session owns one :class:`StatusBoard` and tells it when a stage starts, moves a step, ends or fails; every
+change calls the subscribers (the ComfyUI glue pushes it to the browser, see nodes/status.py). Subscribers run on
+the thread that changed the state (the one running the call), so they must be quick and must not raise.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+log = logging.getLogger(__name__)
+
+
+class SidecarState(str, enum.Enum):
+    """The sidecar's state as a user sees it."""
+
+    NONE = "none"  # no rank process (never started, released, or replaced)
+    STARTING = "starting"  # rank processes are starting and connecting
+    LOADING = "loading"  # ranks are loading the model
+    READY = "ready"  # ranks are up and idle, a model is loaded
+    RUNNING = "running"  # a stage (encode, denoise, decode) is running
+    FAILED = "failed"  # the last call failed in the sidecar (a rank died, hung or raised); the next call restarts
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankFailure:
+    """Why the last call failed, as the host saw it."""
+
+    rank: int | None
+    """The rank the error names (None when the sidecar as a whole failed)."""
+    phase: str
+    """The stage or start phase it failed in."""
+    error: str
+    """The error type and message."""
+    log_tail: tuple[str, ...] = ()
+    """The last lines of that rank's log (or its remote traceback)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusSnapshot:
+    state: SidecarState = SidecarState.NONE
+    stage: str | None = None
+    """The stage running now (start, load, encode, denoise, decode), None when idle."""
+    step: tuple[int, int] | None = None
+    """(done, total) of the running stage's progress, summed over the ranks, as the progress events report it."""
+    model: str | None = None
+    """The loaded model folder's name (its last path part: no full paths leave the host)."""
+    family: str | None = None
+    failure: RankFailure | None = None
+    last_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds each stage took the last time it ran."""
+    updated: float = 0.0
+    """time.time() of this snapshot."""
+
+
+Subscriber = Callable[[StatusSnapshot], None]
+_subscribers: list[Subscriber] = []
+_subscribers_lock = threading.Lock()
+
+
+def subscribe(fn: Subscriber) -> None:
+    """Call ``fn(snapshot)`` on every change of any Session's board (idempotent for the same ``fn``)."""
+    with _subscribers_lock:
+        if fn not in _subscribers:
+            _subscribers.append(fn)
+
+
+def unsubscribe(fn: Subscriber) -> None:
+    with _subscribers_lock:
+        if fn in _subscribers:
+            _subscribers.remove(fn)
+
+
+class StatusBoard:
+    """The mutable side: the Session calls these, readers take :attr:`snapshot` (immutable)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshot = StatusSnapshot(updated=time.time())
+
+    @property
+    def snapshot(self) -> StatusSnapshot:
+        return self._snapshot
+
+    def set_state(self, state: SidecarState, **changes) -> None:
+        self._update(state=state, **changes)
+
+    def begin(self, stage: str, *, state: SidecarState = SidecarState.RUNNING) -> float:
+        """A stage starts; returns its start time for :meth:`end`."""
+        self._update(state=state, stage=stage, step=None)
+        return time.monotonic()
+
+    def step(self, done: int, total: int) -> None:
+        self._update(step=(int(done), int(total)))
+
+    def end(self, stage: str, started: float, **changes) -> None:
+        """The stage ended normally: the sidecar is ready again and an earlier failure is over."""
+        seconds = dict(self._snapshot.last_seconds, **{stage: round(time.monotonic() - started, 3)})
+        self._update(state=SidecarState.READY, stage=None, failure=None, last_seconds=seconds, **changes)
+
+    def fail(self, failure: RankFailure) -> None:
+        self._update(state=SidecarState.FAILED, stage=None, failure=failure)
+
+    def _update(self, **changes) -> None:
+        with self._lock:
+            self._snapshot = snapshot = replace(self._snapshot, updated=time.time(), **changes)
+        with _subscribers_lock:
+            subscribers = list(_subscribers)
+        for fn in subscribers:
+            try:
+                fn(snapshot)
+            except Exception:  # a panel must never break a run
+                log.exception("status subscriber %r failed", fn)
+
+
+def failure_from(error: BaseException, *, phase: str, lines: int = 12) -> RankFailure:
+    """The failure to show for ``error``: its rank, phase and message, and the last lines of the rank's log
+    (RankDied carries them in ``detail``) or of its remote traceback (RankError)."""
+    tail = getattr(error, "detail", "") or getattr(error, "remote_traceback", "") or ""
+    return RankFailure(rank=getattr(error, "rank", None), phase=getattr(error, "phase", None) or phase,
+                       error=f"{type(error).__name__}: {error}",
+                       log_tail=tuple(tail.strip().splitlines()[-lines:]) if tail.strip() else ())
