@@ -27,7 +27,8 @@ from tests.lora_fixtures import write_tiny_flux_loras  # noqa: E402
 EXAMPLES = REPO_ROOT / "example_workflows"
 # Our-nodes-only examples (example_workflows/build.py EXAMPLES); the interop ones run in test_latent_interop.py.
 API_FILES = [EXAMPLES / f"{name}.api.json" for name in ("data_parallel", "device_map_staged", "hybrid_dp_ulysses",
-                                                        "ring", "ulysses")]
+                                                        "ring", "ulysses", "cfg_parallel", "regional_compile",
+                                                        "step_cache")]
 TINY_NAME = "distdiff-tiny-flux"
 pytestmark = pytest.mark.keeps_ranks  # the module's ComfyUI keeps its sidecar up between tests, on purpose
 NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs", "DistDiffLoRA",
