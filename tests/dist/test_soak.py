@@ -13,6 +13,8 @@ import time
 
 import psutil
 
+from dist_backend.launcher import LOG_DIR_PREFIX
+
 from tests.dist.reliability_cases import PROMPTS, SHORT, measured, session
 
 CALLS = 50
