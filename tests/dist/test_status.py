@@ -1,6 +1,6 @@
 """The Session's status board (what the ComfyUI panel shows) follows a real 2-rank sidecar: starting, loading,
-running with the step counter moving (each rank's row its own step), ready with the stage timings, failed with the killed rank's log tail, none
-after close."""
+running with the step counter moving (each rank's row its own step), ready with the stage timings, failed with the
+killed rank's log tail, none after close."""
 
 from __future__ import annotations
 
