@@ -74,3 +74,17 @@ def test_rank_rows_pair_the_driver_records_with_the_stage():
                    gpu_reserved_bytes=8 << 20)]
     idle = rank_statuses(StatusSnapshot(), pids=[101, 102], steps=steps, gpu_memory=memory)
     assert [(r.stage, r.step, r.gpu_reserved_bytes) for r in idle] == [(None, None, None), (None, None, 8 << 20)]
+
+
+def test_a_cp_non_leader_row_shows_its_own_step(tiny_dirs):
+    """ulysses2: rank 1 sends no progress (its leader does), only its per-step heartbeat; its row still moves."""
+    s = session(ulysses=2)
+    try:
+        s.load(tiny_dirs["flux"])
+        rows = []
+        s.denoise(s.encode(PROMPTS[:1]), seed=3, steps=4, guidance=3.5,
+                  on_progress=lambda d, t: rows.append(s.rank_statuses()), **SIZE)
+        follower = [row[1].step for row in rows if row[1].step is not None]
+        assert len({done for done, _ in follower}) >= 2 and {t for _, t in follower} == {4}, follower
+    finally:
+        s.close()
