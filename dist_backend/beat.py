@@ -31,11 +31,14 @@ def beat_interval(heartbeat_timeout_s: float) -> float:
 
 
 class Beater:
-    """Sends ``{"id": call, "event": "alive", "loading": bool}`` every `interval` seconds between `begin` and `end`."""
+    """Sends ``{"id": call, "event": "alive", "loading": bool}`` every `interval` seconds between `begin` and `end`,
+    with ``"gpu_memory": [allocated, reserved]`` (bytes, summed over `gpus`) on a CUDA rank: the status panel's
+    memory column. Two reads of the caching allocator's counters, cheap enough for every beat."""
 
-    def __init__(self, channel, *, interval: float) -> None:
+    def __init__(self, channel, *, interval: float, gpus: tuple[int, ...] = ()) -> None:
         self._channel = channel
         self._interval = interval
+        self._gpus = gpus  # the CUDA device indices this rank uses (empty on CPU)
         self._lock = threading.Lock()  # guards _call_id: once end() returns, no beat of that call can follow
         self._call_id = None
         self._loading = 0
@@ -77,13 +80,28 @@ class Beater:
         while not self._stopped:
             self._wake.wait(self._interval)
             self._wake.clear()
+            memory = self._gpu_memory() if self._gpus else None
             with self._lock:
                 if self._call_id is None or self._stopped:
                     continue
-                frame = protocol.encode({"id": self._call_id, "event": protocol.Event.ALIVE,
-                                         "loading": self._loading > 0})
+                message = {"id": self._call_id, "event": protocol.Event.ALIVE, "loading": self._loading > 0}
+                if memory is not None:
+                    message["gpu_memory"] = memory
+                frame = protocol.encode(message)
                 try:
                     self._channel.send(frame)
                 except Exception:  # noqa: BLE001 - the host is gone: the main thread sees it and exits
                     log.debug("beat not sent", exc_info=True)
                     return
+
+    def _gpu_memory(self) -> list[int] | None:
+        """[allocated, reserved] bytes of this rank's CUDA devices, or None if they cannot be read (a beat must
+        go out regardless: it is what proves the process runs)."""
+        import torch
+
+        try:
+            return [sum(torch.cuda.memory_allocated(g) for g in self._gpus),
+                    sum(torch.cuda.memory_reserved(g) for g in self._gpus)]
+        except Exception:  # noqa: BLE001 - memory is informative only
+            log.debug("GPU memory not read", exc_info=True)
+            return None

@@ -62,6 +62,11 @@ class Sidecar:
         self._settled = True  # every rank has answered the current call (so the ranks are idle and consistent)
         self._abort_reason: str | None = None  # set by request_abort, from any thread
         self.calls = 0
+        # What the status panel shows per rank, read from other threads (whole-dict copies, atomic under the GIL):
+        # each rank's last (done, total) step of the call in progress (empty between calls and in stages without
+        # steps), and its CUDA [allocated, reserved] bytes from its last beat (kept between calls; none on CPU).
+        self.rank_steps: dict[int, tuple[int, int]] = {}
+        self.rank_gpu_memory: dict[int, tuple[int, int]] = {}
 
     @property
     def start_seconds(self) -> float:
@@ -109,6 +114,7 @@ class Sidecar:
         frames = [protocol.encode({**payload, "op": op, "id": call_id}) for payload in payloads]
         limit = cfg.max_frame_bytes or max(CONTROL_FRAME_BYTES, CONTROL_FRAME_BYTES + (result_bytes or 0))
         self._settled = False
+        self.rank_steps = {}
         procs = self._launched.processes
         try:
             for proc, frame in zip(procs, frames):
@@ -135,6 +141,8 @@ class Sidecar:
                 # Ranks killed by a release that could not wait: say so, not "rank 0 died".
                 raise Cancelled(f"{op} stopped: {self._abort_reason}") from exc
             raise
+        finally:
+            self.rank_steps = {}  # no step is current once the call is over (the next stage may have none)
 
     def kill(self) -> None:
         """SIGKILL every rank now, from any thread (a release that cannot wait for the running call): the call's
@@ -230,15 +238,18 @@ class Sidecar:
                     raise ProtocolError(f"rank {proc.rank} sent an unexpected message during {op}")
                 event = message.get("event")
                 if event == protocol.Event.ALIVE:  # from the rank's beat thread: the process runs
+                    if message.get("gpu_memory"):
+                        self.rank_gpu_memory[proc.rank] = tuple(int(b) for b in message["gpu_memory"][:2])
                     if message.get("loading"):
                         last_step[proc.rank] = last_heard[proc.rank]  # weights loading: no step is due yet
                     continue
                 if event == protocol.Event.HEARTBEAT:
                     last_step[proc.rank] = last_heard[proc.rank]
+                    self.rank_steps[proc.rank] = (int(message["done"]), int(message["total"]))
                     continue  # a CP non-leader's step: alive, but its progress is its leader's
                 if event == protocol.Event.PROGRESS:
                     last_step[proc.rank] = last_heard[proc.rank]
-                    progress[proc.rank] = (int(message["done"]), int(message["total"]))
+                    progress[proc.rank] = self.rank_steps[proc.rank] = (int(message["done"]), int(message["total"]))
                     preview = message.get("preview")
                     if hook_error is None:
                         try:

@@ -25,7 +25,7 @@ from .errors import Cancelled, ConfigError, SidecarError, UnsupportedError
 from .files import ModelFiles
 from .protocol import Op
 from .split import block_bounds, image_items
-from .status import SidecarState, StatusBoard, failure_from
+from .status import RankStatus, SidecarState, StatusBoard, failure_from, rank_statuses
 
 if TYPE_CHECKING:
     from .lora import LoraSpec
@@ -122,6 +122,15 @@ class Session:
     def sidecar_pids(self) -> list[int]:
         """Rank process ids of the live sidecar (empty when none is running)."""
         return self._sidecar.pids if self.alive() else []
+
+    def rank_statuses(self) -> list[RankStatus]:
+        """One row per rank of the live sidecar for a status panel: stage, its own step, CUDA memory (empty when
+        none is running). Cheap and safe from any thread, also while a call runs."""
+        sidecar = self._sidecar
+        if sidecar is None or not sidecar.alive():
+            return []
+        return rank_statuses(self.status.snapshot, pids=sidecar.pids, steps=dict(sidecar.rank_steps),
+                             gpu_memory=dict(sidecar.rank_gpu_memory))
 
     def close(self, *, reason: str = "the sidecar was released") -> None:
         """Stop the sidecar (the next call starts a fresh one and reloads the model). Safe from any thread, also

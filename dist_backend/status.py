@@ -59,6 +59,35 @@ class StatusSnapshot:
     """time.time() of this snapshot."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class RankStatus:
+    """One rank's row of the panel."""
+
+    rank: int
+    pid: int
+    stage: str | None
+    """The stage running now (every rank runs the session's stage), None when idle."""
+    step: tuple[int, int] | None
+    """This rank's last (done, total) step of the running stage, None before its first step or in a stage without
+    steps. A data-parallel rank counts its own images' steps; the ranks of a CP group count the same steps."""
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    """CUDA memory of the rank's devices from its last beat (None on CPU, or before its first beat)."""
+
+
+def rank_statuses(snapshot: StatusSnapshot, *, pids: list[int], steps: dict[int, tuple[int, int]],
+                  gpu_memory: dict[int, tuple[int, int]]) -> list[RankStatus]:
+    """The panel's rows from the board's snapshot and the per-rank records of the driver (Sidecar.rank_steps,
+    Sidecar.rank_gpu_memory): rank r is the process pids[r]."""
+    rows = []
+    for rank, pid in enumerate(pids):
+        allocated, reserved = gpu_memory.get(rank, (None, None))
+        rows.append(RankStatus(rank=rank, pid=pid, stage=snapshot.stage,
+                               step=steps.get(rank) if snapshot.stage is not None else None,
+                               gpu_allocated_bytes=allocated, gpu_reserved_bytes=reserved))
+    return rows
+
+
 Subscriber = Callable[[StatusSnapshot], None]
 _subscribers: list[Subscriber] = []
 _subscribers_lock = threading.Lock()

@@ -96,11 +96,13 @@ def main() -> int:
         if os.environ.get(ENV_LOCAL_GPUS):
             gpus = tuple(int(g) for g in os.environ[ENV_LOCAL_GPUS].split(","))
         torch.cuda.set_device(gpus[0])
+        beat_gpus = tuple(gpus)
         device = torch.device("cuda", gpus[0])
         backend = "nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        beat_gpus = ()
     dist.init_process_group(
         backend,
         store=_rendezvous_store(config, rank, int(os.environ[ENV_MASTER_PORT])),
@@ -117,7 +119,7 @@ def main() -> int:
 
     arena = Arena(int(os.environ[ENV_ARENA_FD])) if ENV_ARENA_FD in os.environ else None
 
-    beater = Beater(channel, interval=beat_interval(config.heartbeat_timeout_s))
+    beater = Beater(channel, interval=beat_interval(config.heartbeat_timeout_s), gpus=beat_gpus)
     engine = RankEngine(config=config, rank=rank, device=device, channel=channel, beater=beater)
     channel.send(protocol.encode({"event": protocol.Event.READY, "rank": rank}))
     log.info("ready: %s, device %s, %d threads", config.strategy, device, torch.get_num_threads())

@@ -34,12 +34,13 @@ def status_payload() -> dict:
     cfg = session.config
     alive = session.alive()
     pids = session.sidecar_pids() if alive else []
+    rows = session.rank_statuses() if alive else []
     state = snap.state if alive or snap.state in (SidecarState.FAILED, SidecarState.STARTING) else SidecarState.NONE
     failed_rank = snap.failure.rank if snap.failure and state is SidecarState.FAILED else None
-    # Every rank runs the session's stage; the step is known only summed over the ranks (the progress events the
-    # driver relays), so it is reported once, not per rank.
-    ranks = [{"rank": rank, "node": socket.gethostname(), "pid": pid, "device": _device(cfg, rank),
-              "stage": snap.stage, **_memory(pid)} for rank, pid in enumerate(pids)]
+    ranks = [{"rank": row.rank, "node": socket.gethostname(), "pid": row.pid, "device": _device(cfg, row.rank),
+              "stage": row.stage, "step": list(row.step) if row.step else None, **_memory(row.pid),
+              "gpu_allocated_bytes": row.gpu_allocated_bytes, "gpu_reserved_bytes": row.gpu_reserved_bytes}
+             for row in rows]
     return {
         "state": state.value,
         "running": alive,  # kept for older callers of this route
@@ -69,7 +70,7 @@ def _device(cfg, rank: int) -> str:
 
 
 def _memory(pid: int) -> dict:
-    """Host RSS of the rank process. (GPU allocated / reserved needs the rank to report it; not sent yet.)"""
+    """Host RSS of the rank process (its GPU memory comes from the rank's beats, see Session.rank_statuses)."""
     import psutil
 
     try:

@@ -57,12 +57,13 @@ function speed(status) {
 
 function render(status) {
   const ranks = status.ranks ?? [];
-  // The step is the stage's progress summed over the ranks (the engine's progress events): shown once, above.
+  // Each row: that rank's stage and its own step (a dp rank counts its own images); the stage line above shows the
+  // progress summed over the ranks.
   const rows = ranks.map((r) => `<tr class="distdiff-rank" data-rank="${r.rank}"><td>${r.rank}</td>
     <td>${esc(r.device)}<span class="distdiff-dim">@${esc(r.node)}</span></td><td>${r.pid ?? "—"}</td>
     <td>${mib(r.rss_bytes)}${r.gpu_allocated_bytes != null
       ? `<br><span class="distdiff-dim">GPU ${mib(r.gpu_allocated_bytes)} / ${mib(r.gpu_reserved_bytes)}</span>` : ""}</td>
-    <td>${esc(r.stage ?? "idle")}</td></tr>`).join("");
+    <td>${esc(r.stage ?? "idle")}${r.step ? ` <span class="distdiff-rank-step">${step(r.step)}</span>` : ""}</td></tr>`).join("");
   const failure = status.failure
     ? `<div class="distdiff-failure"><b>rank ${esc(status.failure.rank ?? "?")} failed during ${esc(status.failure.phase)}</b>
        <div class="distdiff-error">${esc(status.failure.error)}</div>
@@ -78,7 +79,7 @@ function render(status) {
       <tr><td>stage</td><td class="distdiff-stage">${esc(status.stage ?? "—")}${status.step
         ? ` · step <span class="distdiff-total-step">${step(status.step)}</span> <span class="distdiff-dim">(all ranks)</span>` : ""}</td></tr>
     </table>
-    ${ranks.length ? `<table class="distdiff-ranks"><tr><th>rank</th><th>device@node</th><th>pid</th><th>memory</th><th>stage</th></tr>${rows}</table>` : `<div class="distdiff-empty">no ranks running</div>`}
+    ${ranks.length ? `<table class="distdiff-ranks"><tr><th>rank</th><th>device@node</th><th>pid</th><th>memory</th><th>stage · step</th></tr>${rows}</table>` : `<div class="distdiff-empty">no ranks running</div>`}
     ${failure}
     ${timings.length ? `<table class="distdiff-timings"><tr><th>last run</th><th>seconds</th></tr>${timings
       .map(([k, v]) => `<tr><td>${esc(k)}</td><td>${Number(v).toFixed(2)}</td></tr>`).join("")}</table>` : ""}

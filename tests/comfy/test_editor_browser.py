@@ -165,6 +165,12 @@ def test_status_panel_follows_a_run_a_killed_rank_restart_and_release(editor, tm
     assert first is not None and _panel_step(page) > first + 1, "the panel's step counter did not move"
     rows = page.eval_on_selector_all(f"{PANEL} .distdiff-rank", "rs => rs.map(r => r.innerText)")
     assert all("cpu" in r and "MiB" in r and "denoise" in r for r in rows), rows
+    # Each row shows its own rank's step, and it moves too.
+    own = "rs => rs.map(r => parseInt(r.querySelector('.distdiff-rank-step')?.textContent ?? 'NaN'))"
+    before = page.eval_on_selector_all(f"{PANEL} .distdiff-rank", own)
+    assert len(before) == 2 and all(k >= 1 for k in before), rows
+    page.wait_for_function(f"(old) => ({own})([...document.querySelectorAll('{PANEL} .distdiff-rank')])"
+                           ".every((k, i) => k > old[i])", arg=before, timeout=30_000)
     assert page.text_content(f"{PANEL} .distdiff-strategy").startswith("dp2")
     shot = tmp_path / "panel.png"
     page.locator(PANEL).screenshot(path=str(shot))

@@ -6,6 +6,8 @@ padded batch (UnsupportedError) is in tests/dist/test_engine_cp.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -137,16 +139,24 @@ def test_cli_exit_code_2_and_message(tiny_dirs, tmp_path, model, args, words):
 
 
 def test_what_only_a_rank_can_find_is_one_typed_error_and_the_sidecar_lives(tiny_dirs):
-    """Latents with the wrong channel count pass the host's shape check (any [B, C, h, w]); every rank's VAE
-    raises. The host raises one RankError (the first to arrive, with its traceback) and the sidecar stays up."""
+    """Embeddings of the wrong width pass the host's checks (it checks sequence lengths, not the text encoder's
+    width); every rank's transformer raises. The host raises one RankError (the first to arrive, with its
+    traceback) and the sidecar stays up. (Latents of the wrong channel count no longer reach a rank: the LATENT
+    boundary refuses them on the host, checked below.)"""
     s = session()
     try:
         s.load(tiny_dirs["flux"])
         pids = s.sidecar_pids()
+        cond = s.encode(PROMPTS[:1])
+        wrong = dataclasses.replace(cond, embeds=tuple({**e, "prompt_embeds": e["prompt_embeds"][..., :-1]}
+                                                       for e in cond.embeds))
         with pytest.raises(RankError) as info:
-            s.decode(torch.zeros(2, 3, 8, 8))
-        assert info.value.rank in (0, 1) and info.value.phase == "decode" and "4 channels" in str(info.value)
-        assert "conv" in info.value.remote_traceback
+            s.denoise(wrong, **SHORT)
+        assert info.value.rank in (0, 1) and info.value.phase == "denoise"
+        assert "Traceback" in info.value.remote_traceback
+        assert s.sidecar_pids() == pids
+        with pytest.raises(ConfigError, match="channels"):
+            s.decode(torch.zeros(2, 3, 8, 8))  # the host's LATENT check: no call is sent
         assert s.sidecar_pids() == pids
         _, images = s.generate(model_dir=tiny_dirs["flux"], prompts=PROMPTS[:1], **SHORT)
         assert images.shape == (1, 64, 64, 3) and s.starts == 1

@@ -25,6 +25,8 @@ from dist_backend.pipelines import adapter_for
 from dist_backend.pipelines.base import ImageRequest
 from dist_backend.session import Session
 
+from tests.dist.engine_cases import format_of
+
 pytestmark = pytest.mark.multinode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,11 +156,12 @@ def session_for(cluster: ClusterConfig, **kwargs) -> Session:
 
 
 def reference(tiny_pipes, prompts: list[str], *, seed: int) -> torch.Tensor:
+    """The one-process pipeline, image j with seed + j, as the ComfyUI LATENT the session returns."""
     adapter = adapter_for("flux")
-    return torch.cat([
+    return format_of(tiny_pipes, "flux").process_out(torch.cat([
         adapter.reference(tiny_pipes["flux"], prompt=p, negative_prompt=None,
                           request=ImageRequest(seed=seed + j, steps=STEPS, guidance=GUIDANCE, **SIZE))
-        for j, p in enumerate(prompts)])
+        for j, p in enumerate(prompts)]))
 
 
 def generate(session: Session, model_dir, prompts, *, seed: int, steps: int = STEPS, **kwargs):

@@ -13,6 +13,8 @@ import time
 
 import psutil
 
+from dist_backend.launcher import LOG_DIR_PREFIX
+
 from tests.dist.reliability_cases import PROMPTS, SHORT, measured, session
 
 CALLS = 50
@@ -30,7 +32,9 @@ def _snapshot() -> dict[str, int]:
         "threads": me.num_threads(),
         "children": len(me.children(recursive=True)),
         "shm": len(os.listdir("/dev/shm")),
-        "rank_log_dirs": len(glob.glob(os.path.join(tempfile.gettempdir(), "distdiff-ranks-*"))),
+        # This process's sidecars only (the host's pid is in the folder name): other test runs on the machine
+        # make and sweep their own.
+        "rank_log_dirs": len(glob.glob(os.path.join(tempfile.gettempdir(), f"{LOG_DIR_PREFIX}{os.getpid()}-*"))),
     }
 
 

@@ -1,6 +1,6 @@
 """The Session's status board (what the ComfyUI panel shows) follows a real 2-rank sidecar: starting, loading,
-running with the step counter moving, ready with the stage timings, failed with the killed rank's log tail, none
-after close."""
+running with the step counter moving (each rank's row its own step), ready with the stage timings, failed with the
+killed rank's log tail, none after close."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from dist_backend.errors import RankDied
-from dist_backend.status import SidecarState, subscribe, unsubscribe
+from dist_backend.status import RankStatus, SidecarState, StatusSnapshot, rank_statuses, subscribe, unsubscribe
 
 from tests.dist.reliability_cases import LONG_STEPS, PROMPTS, SHORT, SIZE, AtStep, session
 
@@ -24,11 +24,22 @@ def test_status_board_follows_a_run_a_killed_rank_and_close(tiny_dirs):
         assert s.status.snapshot.state is SidecarState.NONE
         s.load(tiny_dirs["flux"])
         cond = s.encode(PROMPTS)
-        s.denoise(cond, seed=3, steps=4, guidance=3.5, **SIZE)
+        rows = []  # the panel's rows at every progress event of the denoise
+        s.denoise(cond, seed=3, steps=4, guidance=3.5, on_progress=lambda d, t: rows.append(s.rank_statuses()),
+                  **SIZE)
         states = [snap.state for snap in seen]
         assert states[:3] == [SidecarState.STARTING, SidecarState.READY, SidecarState.LOADING]
         steps = [snap.step for snap in seen if snap.stage == "denoise" and snap.step]
         assert steps[-1] == (8, 8) and len({d for d, _ in steps}) >= 2  # two images × 4 steps, counter moved
+        pids = s.sidecar_pids()
+        for rank in (0, 1):  # each dp rank denoises its own image: its own step counter, 1 / 4 up to 4 / 4
+            mine = [row[rank] for row in rows if row[rank].step is not None]
+            assert all((r.rank, r.pid, r.stage, r.step[1]) == (rank, pids[rank], "denoise", 4) for r in mine), mine
+            assert [r.step[0] for r in mine] == sorted(r.step[0] for r in mine) and len(mine) >= 2, mine
+            assert mine[-1].step[0] - mine[0].step[0] >= 1, f"rank {rank}'s step did not move: {mine}"
+            assert mine[-1].gpu_allocated_bytes is None  # CPU ranks report no GPU memory
+        assert max(row[r].step for row in rows for r in (0, 1) if row[r].step) == (4, 4)
+        assert [(r.stage, r.step) for r in s.rank_statuses()] == [(None, None)] * 2  # idle: no current step
         done = s.status.snapshot
         assert done.state is SidecarState.READY and done.stage is None and done.failure is None
         assert (done.model, done.family) == (os.path.basename(tiny_dirs["flux"]), "flux")
@@ -49,4 +60,31 @@ def test_status_board_follows_a_run_a_killed_rank_and_close(tiny_dirs):
         assert s.status.snapshot.state is SidecarState.NONE
     finally:
         unsubscribe(record)
+        s.close()
+
+
+def test_rank_rows_pair_the_driver_records_with_the_stage():
+    """The rows' pure part: each rank's own step while a stage runs (none when idle), CUDA memory where a rank
+    beat it (the beats of a CUDA rank carry it; CPU ranks none)."""
+    steps, memory = {0: (3, 8), 1: (2, 8)}, {1: (5 << 20, 8 << 20)}
+    running = rank_statuses(StatusSnapshot(stage="denoise"), pids=[101, 102], steps=steps, gpu_memory=memory)
+    assert running == [
+        RankStatus(rank=0, pid=101, stage="denoise", step=(3, 8)),
+        RankStatus(rank=1, pid=102, stage="denoise", step=(2, 8), gpu_allocated_bytes=5 << 20,
+                   gpu_reserved_bytes=8 << 20)]
+    idle = rank_statuses(StatusSnapshot(), pids=[101, 102], steps=steps, gpu_memory=memory)
+    assert [(r.stage, r.step, r.gpu_reserved_bytes) for r in idle] == [(None, None, None), (None, None, 8 << 20)]
+
+
+def test_a_cp_non_leader_row_shows_its_own_step(tiny_dirs):
+    """ulysses2: rank 1 sends no progress (its leader does), only its per-step heartbeat; its row still moves."""
+    s = session(ulysses=2)
+    try:
+        s.load(tiny_dirs["flux"])
+        rows = []
+        s.denoise(s.encode(PROMPTS[:1]), seed=3, steps=4, guidance=3.5,
+                  on_progress=lambda d, t: rows.append(s.rank_statuses()), **SIZE)
+        follower = [row[1].step for row in rows if row[1].step is not None]
+        assert len({done for done, _ in follower}) >= 2 and {t for _, t in follower} == {4}, follower
+    finally:
         s.close()
