@@ -32,6 +32,20 @@ def tiny_pipes(tiny_dirs) -> dict:
     return pipes
 
 
+@pytest.fixture(scope="session")
+def wan22(tmp_path_factory) -> tuple:
+    """(folder, pipeline): the tiny two-expert Wan (Wan 2.2 A14B's layout: transformer + transformer_2,
+    boundary_ratio), built once per test session, and the same pipeline loaded in this process."""
+    from diffusers import DiffusionPipeline
+
+    from dist_backend.pipelines.tiny import make_tiny
+
+    folder = make_tiny("wan22", tmp_path_factory.mktemp("tiny") / "wan22", seed=0)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return folder, pipe
+
+
 @pytest.fixture(autouse=True)
 def no_rank_left_behind(request):
     """After every test, no rank process may be running unless a module-scoped session fixture still owns it."""

@@ -12,7 +12,7 @@ from dist_backend.config import SessionConfig
 from dist_backend.errors import ConfigError
 from dist_backend.pipelines import adapter_for
 from dist_backend.pipelines.base import ImageRequest
-from dist_backend.pipelines.tiny import WAN22_BOUNDARY_RATIO, make_tiny
+from dist_backend.pipelines.tiny import WAN22_BOUNDARY_RATIO
 from dist_backend.session import Session
 
 from tests.dist.engine_cases import SIZE, STEPS, format_of
@@ -84,17 +84,6 @@ def test_calls_without_cfg_are_refused_before_any_rank(cfg_session, family, guid
         session.denoise(cond, seed=1, steps=STEPS, guidance=guidance, true_cfg_scale=true_cfg, **SIZE[family])
     assert words in str(info.value)
     assert session._sidecar.calls == calls  # refused on the host: no rank was called
-
-
-@pytest.fixture(scope="module")
-def wan22(tmp_path_factory):
-    """The tiny two-expert Wan (transformer + transformer_2, boundary_ratio) and the same pipeline in this process."""
-    from diffusers import DiffusionPipeline
-
-    folder = make_tiny("wan22", tmp_path_factory.mktemp("tiny") / "wan22", seed=0)
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return folder, pipe
 
 
 @pytest.mark.keeps_ranks

@@ -16,7 +16,7 @@ from dist_backend.config import SessionConfig
 from dist_backend.latent_format import latent_format
 from dist_backend.pipelines import adapter_for, read_model_config
 from dist_backend.pipelines.base import ImageRequest
-from dist_backend.pipelines.tiny import WAN22_BOUNDARY_RATIO, make_tiny
+from dist_backend.pipelines.tiny import WAN22_BOUNDARY_RATIO
 from dist_backend.session import Session
 
 from tests.dist.engine_cases import format_of
@@ -42,17 +42,6 @@ CONFIGS = {
     "dp2-staged": dict(world_size=2, offload="staged"),
     "ulysses2-staged": dict(world_size=2, ulysses=2, offload="staged"),
 }
-
-
-@pytest.fixture(scope="module")
-def wan22(tmp_path_factory):
-    """The tiny two-expert Wan and the same pipeline loaded in this process."""
-    from diffusers import DiffusionPipeline
-
-    folder = make_tiny("wan22", tmp_path_factory.mktemp("tiny") / "wan22", seed=0)
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return folder, pipe
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
