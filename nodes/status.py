@@ -46,8 +46,8 @@ def status_payload() -> dict:
         "running": alive,  # kept for older callers of this route
         "model": snap.model, "family": snap.family,
         "strategy": cfg.strategy,
-        "degrees": {"world_size": cfg.world_size, "dp": cfg.dp, "cfg": cfg.cfg, "ring": cfg.ring, "ulysses": cfg.ulysses,
-                    "gpus_per_rank": cfg.gpus_per_rank},
+        "degrees": {"world_size": cfg.world_size, "dp": cfg.dp, "cfg": cfg.cfg, "ring": cfg.ring,
+                    "ulysses": cfg.ulysses, "gpus_per_rank": cfg.gpus_per_rank},
         "device": cfg.device.value,
         "starts": session.starts,
         "stage": snap.stage,
