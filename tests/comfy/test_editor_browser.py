@@ -187,7 +187,11 @@ def test_status_panel_follows_a_run_a_killed_rank_restart_and_release(editor, tm
     assert "rank 1 failed during denoise" in failure and "signal 9" in failure, failure
     assert page.text_content(f"{PANEL} .distdiff-log").strip(), "the killed rank's log tail is missing"
 
-    _, events = server.run(json.loads((EXAMPLES / "data_parallel.api.json").read_text()), timeout=180)
+    # A seed no earlier test used: ComfyUI must not answer from its cache (our loaders' IS_CHANGED follows the
+    # model's files, not the sidecar, so an identical prompt that already ran would start no rank).
+    again = json.loads((EXAMPLES / "data_parallel.api.json").read_text())
+    again["3"]["inputs"]["seed"] = 90_001
+    _, events = server.run(again, timeout=180)
     assert "execution_error" not in [e["type"] for e in events]
     page.wait_for_function(f"document.querySelector('{PANEL} .distdiff-state')?.textContent === 'ready'",
                            timeout=30_000)
