@@ -128,6 +128,24 @@ class PackedImageAdapter(FamilyAdapter):
         per_token = self.vae_scale(pipe_config) * 2
         return (height // per_token) * (width // per_token)
 
+    def run_packed(self, pipe, *, request: ImageRequest, device: torch.device, dtype: torch.dtype,
+                   init_image: torch.Tensor | None, on_step: StepCallback | None,
+                   to_preview: Callable[[torch.Tensor], torch.Tensor], **call) -> torch.Tensor:
+        """One packed latent: from the seed's noise (drawn once on CPU, passed as `latents=`), or with
+        request.denoise < 1 img2img from `init_image` through the family's img2img pipeline (`self._img2img`).
+        img2img draws its noise inside the pipeline from the CPU generator: the same numbers on every rank
+        (randn_tensor draws on the generator's device, then moves), as the plain img2img call draws them; its
+        first step then has no preview (the start latent is made inside the pipeline)."""
+        steps = steps_run(request.steps, request.denoise)
+        if request.denoise < 1.0:
+            return self._img2img(pipe)(image=init_image.to(device, dtype), strength=request.denoise,
+                                       generator=cpu_generator(request),
+                                       callback_on_step_end=step_callback(on_step, steps, start=None,
+                                                                          to_preview=to_preview), **call)[0]
+        latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
+        return pipe(latents=latents, callback_on_step_end=step_callback(on_step, steps, start=latents,
+                                                                        to_preview=to_preview), **call)[0]
+
 
 def steps_run(steps: int, denoise: float) -> int:
     """How many of `steps` an img2img run with strength `denoise` executes: the arithmetic of diffusers'

@@ -21,7 +21,7 @@ import torch
 
 from . import PIPELINE_CLASSES, Family
 from ._common import (
-    PackedImageAdapter, component_config, cpu_generator, img2img_pipeline, step_callback, steps_run,
+    PackedImageAdapter, component_config, cpu_generator, img2img_pipeline,
     text_length_cap, to_cpu, to_device,
 )
 from .base import ImageRequest, StepCallback
@@ -91,19 +91,8 @@ class FluxAdapter(PackedImageAdapter):
             height=request.height, width=request.width, num_inference_steps=request.steps,
             output_type="latent", return_dict=False,
         )
-        steps = steps_run(request.steps, request.denoise)
-        to_preview = lambda x: self._unpack(pipe, x, request)  # noqa: E731
-        if request.denoise < 1.0:
-            # img2img draws its noise inside the pipeline from the CPU generator: the same numbers on every rank
-            # (randn_tensor draws on the generator's device, then moves), as the plain img2img call draws them.
-            packed = self._img2img(pipe)(image=init_latents.to(device, dtype), strength=request.denoise,
-                                         generator=cpu_generator(request),
-                                         callback_on_step_end=step_callback(on_step, steps, start=None,
-                                                                            to_preview=to_preview), **common)[0]
-        else:
-            latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
-            packed = pipe(latents=latents, callback_on_step_end=step_callback(on_step, steps, start=latents,
-                                                                              to_preview=to_preview), **common)[0]
+        packed = self.run_packed(pipe, request=request, device=device, dtype=dtype, init_image=init_latents,
+                                 on_step=on_step, to_preview=lambda x: self._unpack(pipe, x, request), **common)
         return self._unpack(pipe, packed, request)
 
     def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,

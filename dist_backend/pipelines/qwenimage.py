@@ -26,7 +26,7 @@ import torch
 
 from . import PIPELINE_CLASSES, Family
 from ._common import (
-    PackedImageAdapter, component_config, cpu_generator, img2img_pipeline, step_callback, steps_run, to_cpu,
+    PackedImageAdapter, component_config, cpu_generator, img2img_pipeline, to_cpu,
     to_device,
 )
 from .base import ImageRequest, StepCallback
@@ -81,22 +81,14 @@ class QwenImageAdapter(PackedImageAdapter):
             true_cfg_scale=request.guidance, height=request.height, width=request.width,
             num_inference_steps=request.steps, output_type="latent", return_dict=False,
         )
-        steps = steps_run(request.steps, request.denoise)
 
         def to_preview(x: torch.Tensor) -> torch.Tensor:
             # ComfyUI treats Qwen-Image latents as one-frame video ([B, C, 1, h, w], the Wan 2.1 format).
             return pipe._unpack_latents(x, request.height, request.width, pipe.vae_scale_factor)
 
-        if request.denoise < 1.0:
-            # As in flux.py: the pipeline draws the noise from the CPU generator, the same on every rank.
-            packed = self._img2img(pipe)(image=self._image_arg(init_latents).to(device, dtype),
-                                         strength=request.denoise, generator=cpu_generator(request),
-                                         callback_on_step_end=step_callback(on_step, steps, start=None,
-                                                                            to_preview=to_preview), **common)[0]
-        else:
-            latents = self.initial_noise(pipe, request=request, dtype=dtype).to(device)
-            packed = pipe(latents=latents, callback_on_step_end=step_callback(on_step, steps, start=latents,
-                                                                              to_preview=to_preview), **common)[0]
+        packed = self.run_packed(pipe, request=request, device=device, dtype=dtype,
+                                 init_image=None if init_latents is None else self._image_arg(init_latents),
+                                 on_step=on_step, to_preview=to_preview, **common)
         return self._unpack(pipe, packed, request)
 
     def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,
