@@ -17,7 +17,9 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-_UNITS = {"": 10**9, "GB": 10**9, "GIB": 2**30, "MB": 10**6, "MIB": 2**20}
+# Bytes per memory unit, as accelerate reads them (GB/MB powers of ten, GiB/MiB of two); "" is a bare number of
+# bytes. The one table for every memory size a user writes (--gpu-memory here, max_memory in placement.py).
+SIZE_UNITS = {"": 1, "GB": 10**9, "GIB": 2**30, "MB": 10**6, "MIB": 2**20}
 
 
 class Interconnect(str, enum.Enum):
@@ -62,7 +64,8 @@ def _interconnect(value) -> Interconnect:
 def parse_memory(text: str) -> int:
     """"24GB" -> 24_000_000_000 bytes; GB/MB are powers of ten, GiB/MiB of two; a bare number means GB."""
     match = _SIZE.match(str(text))
-    unit = match and _UNITS.get(match.group(2).upper())
+    # A bare GPU memory is in GB (nobody has a 24-byte GPU); otherwise the shared units.
+    unit = match and (10**9 if not match.group(2) else SIZE_UNITS.get(match.group(2).upper()))
     if not match or unit is None:
         raise ConfigError(f"gpu memory {text!r} cannot be read; write e.g. '24GB', '80GB' or '48GiB'")
     return int(Decimal(match.group(1)) * unit)

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..config import DeviceMapPolicy
 from ..errors import ConfigError
+from .hardware import SIZE_UNITS
 from .meta_sizes import (  # re-exported: one import site for the loader
     build_meta_model, build_meta_models, cast_like_loader, component_sizes, human_bytes as _human, infer_split,
     module_bytes_per_device, split_module,
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 _EXAMPLE = 'write GPU=SIZE pairs separated by commas, e.g. "0=16GB,1=16GB" (units GB, GiB, MB, MiB, or plain bytes)'
-_UNITS = {"": 1, "MB": 10**6, "MIB": 2**20, "GB": 10**9, "GIB": 2**30}
 _TOKEN = re.compile(r"^\s*(\d+)\s*=\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 
@@ -142,7 +142,7 @@ def parse_max_memory(text: str) -> dict[int, int]:
         if not token.strip():  # "" and a trailing comma mean nothing more
             continue
         match = _TOKEN.match(token)
-        unit = match and _UNITS.get(match.group(3).upper())
+        unit = match and SIZE_UNITS.get(match.group(3).upper())
         if not match or unit is None:
             raise ConfigError(f"max_memory: cannot read {token.strip()!r}; {_EXAMPLE}")
         gpu, number = int(match.group(1)), Decimal(match.group(2))
@@ -162,8 +162,8 @@ def format_max_memory(budgets: Mapping[int, int]) -> str:
     """The inverse of `parse_max_memory`: the largest unit that states each budget exactly."""
     parts = []
     for gpu, size in sorted(budgets.items()):
-        unit = next((u for u in ("GiB", "GB", "MiB", "MB") if size % _UNITS[u.upper()] == 0), "")
-        parts.append(f"{gpu}={size // _UNITS[unit.upper()]}{unit}")
+        unit = next((u for u in ("GiB", "GB", "MiB", "MB") if size % SIZE_UNITS[u.upper()] == 0), "")
+        parts.append(f"{gpu}={size // SIZE_UNITS[unit.upper()]}{unit}")
     return ",".join(parts)
 
 
