@@ -76,7 +76,8 @@ _TOKENIZER_OF = {Family.FLUX: {"text_encoder": "tokenizer", "text_encoder_2": "t
 # Where a family's tokenizer lies when it is not the one _TOKENIZER_DIRS names (Qwen-Image's "tokenizer" is
 # Qwen2.5's, which ComfyUI bundles under text_encoders/qwen25_tokenizer).
 _TOKENIZER_DIRS_OF = {
-    Family.QWENIMAGE: {"tokenizer": ("tokenizer", "comfy/text_encoders/qwen25_tokenizer", "text_encoders/qwen25_tokenizer")},
+    Family.QWENIMAGE: {"tokenizer": ("tokenizer", "comfy/text_encoders/qwen25_tokenizer",
+                                     "text_encoders/qwen25_tokenizer")},
 }
 
 

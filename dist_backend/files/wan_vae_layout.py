@@ -24,10 +24,10 @@ _FIXED = (("conv1.", "quant_conv."), ("conv2.", "post_quant_conv."),
           ("encoder.conv1.", "encoder.conv_in."), ("decoder.conv1.", "decoder.conv_in."),
           ("encoder.head.0.", "encoder.norm_out."), ("encoder.head.2.", "encoder.conv_out."),
           ("decoder.head.0.", "decoder.norm_out."), ("decoder.head.2.", "decoder.conv_out."),
-          ("encoder.middle.0.", "encoder.mid_block.resnets.0."), ("encoder.middle.1.", "encoder.mid_block.attentions.0."),
-          ("encoder.middle.2.", "encoder.mid_block.resnets.1."),
-          ("decoder.middle.0.", "decoder.mid_block.resnets.0."), ("decoder.middle.1.", "decoder.mid_block.attentions.0."),
-          ("decoder.middle.2.", "decoder.mid_block.resnets.1."))
+          ("encoder.middle.0.", "encoder.mid_block.resnets.0."), ("encoder.middle.2.", "encoder.mid_block.resnets.1."),
+          ("encoder.middle.1.", "encoder.mid_block.attentions.0."),
+          ("decoder.middle.0.", "decoder.mid_block.resnets.0."), ("decoder.middle.2.", "decoder.mid_block.resnets.1."),
+          ("decoder.middle.1.", "decoder.mid_block.attentions.0."))
 
 
 def _decoder_blocks(config: dict) -> list[str]:

@@ -1,6 +1,6 @@
 """Qwen-Image from single files (ComfyUI's layouts) through the real sidecar, against the tiny diffusers folder's
-pipeline in one process: fp32 files give the folder's latents bit for bit under data parallel; ComfyUI's scaled fp8 files,
-kept in fp8 (`weights: fp8`), equal the folder's pipeline with the same dequantised weights and the same
+pipeline in one process: fp32 files give the folder's latents bit for bit under data parallel; ComfyUI's scaled
+fp8 files, kept in fp8 (`weights: fp8`), equal the folder's pipeline with the same dequantised weights and the same
 layerwise casting under Ulysses (quantised here by the fixture, not by the loader)."""
 
 from __future__ import annotations

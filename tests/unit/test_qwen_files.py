@@ -72,7 +72,7 @@ def test_qwen_files_with_family_flux_are_refused(files, tiny_dirs):
     with pytest.raises(ModelError, match="is a Qwen-Image transformer .*, but flux expects a Flux transformer"):
         read_files_config(ModelFiles(family="flux", configs=str(tiny_dirs["flux"]),
                                      **{**files["flux"], "transformer": files["fp32"]["transformer"]}))
-    with pytest.raises(ModelError, match="text_encoder file .* is a Qwen2.5-VL text encoder .*, but flux expects a CLIP"):
+    with pytest.raises(ModelError, match="text_encoder file .* is a Qwen2.5-VL text encoder .*, but flux expects"):
         read_files_config(ModelFiles(family="flux", configs=str(tiny_dirs["flux"]),
                                      **{**files["flux"], "text_encoder": files["fp32"]["text_encoder"]}))
     with pytest.raises(ConfigError, match="qwenimage has no text_encoder_2"):
@@ -90,13 +90,13 @@ def test_a_truncated_file_is_refused_before_any_rank(files, tiny_dirs, tmp_path)
 def test_a_missing_tokenizer_names_comfyuis_qwen_tokenizer_folder(files, tiny_dirs, tmp_path):
     (tmp_path / "comfy" / "sd1_tokenizer").mkdir(parents=True)  # an old ComfyUI: CLIP's tokenizer only
     (tmp_path / "comfy" / "sd1_tokenizer" / "vocab.json").write_text("{}")
-    with pytest.raises(ModelError, match=r"no tokenizer \(for text_encoder\) in .*comfy/text_encoders/qwen25_tokenizer"):
+    with pytest.raises(ModelError, match=r"no tokenizer \(for text_encoder\) in .*text_encoders/qwen25_tokenizer"):
         read_files_config(qwen(files["fp32"], tiny_dirs, tokenizers=str(tmp_path)))
 
 
 def test_files_of_another_size_than_the_shipped_configs_are_refused(files, tiny_dirs):
     # No configs given: the shipped Qwen-Image configs are used, and the tiny files do not fit them.
-    with pytest.raises(ModelError, match=r"does not match the architecture config in .*qwen-image.*img_in.weight shape"):
+    with pytest.raises(ModelError, match=r"does not match the architecture config in .*qwen-image.*img_in.weight"):
         read_files_config(ModelFiles(family="qwenimage", **files["fp32"]))
 
 
@@ -140,7 +140,8 @@ def test_the_shipped_configs_describe_the_real_model():
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
     root = CONFIGS_ROOT / "qwen-image"
-    cfg = {name: json.loads((root / name / "config.json").read_text()) for name in ("transformer", "vae", "text_encoder")}
+    cfg = {name: json.loads((root / name / "config.json").read_text())
+           for name in ("transformer", "vae", "text_encoder")}
     with torch.device("meta"):
         models = {"transformer": QwenImageTransformer2DModel.from_config(cfg["transformer"]),
                   "vae": AutoencoderKLQwenImage.from_config(cfg["vae"]),
