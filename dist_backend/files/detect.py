@@ -15,6 +15,7 @@ from ..pipelines import check_safetensors
 FIX_DAMAGED = "the file is damaged or was cut off; download it again"
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 SCALED_FP8_KEY = "scaled_fp8"  # ComfyUI's marker key (after the model prefix) for per-layer `scale_weight` files
+COMFY_QUANT_SUFFIX = ".comfy_quant"  # newer ComfyUI's per-layer quantisation settings (weight_scale, block formats)
 
 
 class FileKind(str, enum.Enum):
@@ -109,6 +110,10 @@ def inspect_file(path: str | Path, *, role: str) -> FileInfo:
         dtypes: dict[str, int] = {}
         for k in names:
             dtypes[header[k]["dtype"]] = dtypes.get(header[k]["dtype"], 0) + 1
+        if any(k.endswith(COMFY_QUANT_SUFFIX) for k in shapes):
+            raise ModelError(f"{role} file {str(path)!r} is {DESCRIPTIONS[kind]} in ComfyUI's mixed-precision "
+                             "quantised format (per-layer 'comfy_quant' settings), which this pack does not read; pick "
+                             "the bf16 / fp16, fp8_e4m3fn or fp8 scaled file of the model")
         scaled = SCALED_FP8_KEY in shapes
         if scaled:
             del shapes[SCALED_FP8_KEY]

@@ -184,3 +184,21 @@ def test_the_folders_own_files_load_too(files, tiny_dirs, tiny_pipes):
     for name in ("transformer", "text_encoder"):
         want, got = getattr(tiny_pipes["qwenimage"], name).state_dict(), getattr(pipe, name).state_dict()
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+
+
+def test_comfyuis_mixed_precision_quantised_files_are_refused_on_the_host(files, tiny_dirs, tmp_path):
+    """Newer ComfyUI's quantised files (per-layer `comfy_quant` settings and `weight_scale`) are not the scaled fp8
+    this pack reads: refused from the header, naming the file and the files to pick instead."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(files["fp32"]["transformer"])
+    state["transformer_blocks.0.attn.to_q.weight"] = state["transformer_blocks.0.attn.to_q.weight"].to(
+        torch.float8_e4m3fn)
+    state["transformer_blocks.0.attn.to_q.weight_scale"] = torch.ones(())
+    state["transformer_blocks.0.attn.to_q.comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'),
+                                                                       dtype=torch.uint8)
+    mixed = tmp_path / "qwen_image_fp8mixed.safetensors"
+    save_file(state, str(mixed))
+    with pytest.raises(ModelError, match=r"qwen_image_fp8mixed.safetensors' is a Qwen-Image transformer .* "
+                                         r"mixed-precision .*pick the bf16 / fp16, fp8_e4m3fn or fp8 scaled file"):
+        read_files_config(qwen(files["fp32"], tiny_dirs, transformer=str(mixed)))
