@@ -134,8 +134,9 @@ def test_our_wan_vae_converter_equals_diffusers_on_the_real_layout(tiny_dirs):
             assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
-def test_the_shipped_configs_describe_the_real_model():
-    """Built on the meta device: Qwen-Image's 20.43 B transformer, Qwen2.5-VL-7B's 8.29 B, the 126.9 M VAE."""
+@pytest.fixture(scope="module")
+def real_models():
+    """The shipped Qwen-Image configs and the models they describe, built once on the meta device (no memory)."""
     import transformers
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
@@ -147,7 +148,12 @@ def test_the_shipped_configs_describe_the_real_model():
                   "vae": AutoencoderKLQwenImage.from_config(cfg["vae"]),
                   "text_encoder": transformers.Qwen2_5_VLForConditionalGeneration(
                       transformers.Qwen2_5_VLConfig(**cfg["text_encoder"]))}
-    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    return cfg, models
+
+
+def test_the_shipped_configs_describe_the_real_model(real_models):
+    """Qwen-Image's 20.43 B transformer, Qwen2.5-VL-7B's 8.29 B, the 126.9 M VAE."""
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in real_models[1].items()}
     assert round(counts["transformer"] / 1e9, 2) == 20.43
     assert round(counts["text_encoder"] / 1e9, 2) == 8.29
     assert round(counts["vae"] / 1e6, 1) == 126.9
@@ -202,3 +208,57 @@ def test_comfyuis_mixed_precision_quantised_files_are_refused_on_the_host(files,
     with pytest.raises(ModelError, match=r"qwen_image_fp8mixed.safetensors' is a Qwen-Image transformer .* "
                                          r"mixed-precision .*pick the bf16 / fp16, fp8_e4m3fn or fp8 scaled file"):
         read_files_config(qwen(files["fp32"], tiny_dirs, transformer=str(mixed)))
+
+
+def _sparse_safetensors(path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+    """A safetensors file with these (dtype, shape) entries whose data is a hole (sparse: no disk, no weights),
+    so its header describes a real-size file."""
+    import struct
+
+    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        n = sizes[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return str(path)
+
+
+def test_real_size_comfyui_files_fit_the_shipped_configs(real_models, tmp_path):
+    """Headers of real-size files in ComfyUI's layouts (names and shapes from the real architectures: the fp8
+    transformer under ComfyUI's prefix, Qwen2.5-VL-7B scaled fp8 without lm_head, the bf16 Wan-layout VAE) pass the
+    host check with the shipped Qwen-Image configs, which load as the real model."""
+    from dist_backend.files.qwen_layout import LM_HEAD, transformers_to_text_encoder
+    from dist_backend.files.wan_vae_layout import diffusers_to_wan_vae
+
+    cfg, models = real_models
+    transformer, vae, text = models["transformer"].state_dict(), models["vae"].state_dict(), models["text_encoder"]
+    fp8 = {"model.diffusion_model." + k: ("F8_E4M3" if k.endswith(".weight") and t.ndim == 2 else "BF16", t.shape)
+           for k, t in transformer.items()}
+    te = {}
+    for k, t in transformers_to_text_encoder(text.state_dict()).items():
+        if k == LM_HEAD:
+            continue
+        if k.endswith(".weight") and t.ndim == 2 and k != "model.embed_tokens.weight":
+            te[k] = ("F8_E4M3", t.shape)
+            te[k[: -len("weight")] + "scale_weight"] = ("F32", ())
+        else:
+            te[k] = ("BF16", t.shape)
+    te["scaled_fp8"] = ("F8_E4M3", (0,))
+    paths = {"transformer": _sparse_safetensors(tmp_path / "qwen_image_fp8_e4m3fn.safetensors", fp8),
+             "text_encoder": _sparse_safetensors(tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors", te),
+             "vae": _sparse_safetensors(tmp_path / "qwen_image_vae.safetensors",
+                                        {k: ("BF16", t.shape) for k, t in diffusers_to_wan_vae(vae, config=cfg["vae"])
+                                         .items()})}
+    (tmp_path / "comfy" / "text_encoders" / "qwen25_tokenizer").mkdir(parents=True)
+    (tmp_path / "comfy" / "text_encoders" / "qwen25_tokenizer" / "vocab.json").write_text("{}")
+    info = read_files_config(ModelFiles(family="qwenimage", tokenizers=str(tmp_path), **paths))
+    assert info["configs_dir"] == str(CONFIGS_ROOT / "qwen-image") and info["class_name"] == "QwenImagePipeline"
+    assert info["files"]["transformer"]["prefix"] == "model.diffusion_model." and info["files"]["transformer"]["fp8"]
+    assert info["files"]["text_encoder"]["scaled_fp8"] and not info["files"]["vae"]["fp8"]
