@@ -170,8 +170,7 @@ def load_text_encoder(info: dict, part: str, *, dtype: torch.dtype) -> torch.nn.
     model = _empty(lambda: cls(config))
     # T5 files keep the embedding once (shared.weight); the encoder's copy is tied to it below.
     _fill(model, state, path=file["path"], allow_missing=("encoder.embed_tokens.weight",))
-    if kind is not FileKind.QWEN25_VL:  # tie_word_embeddings is false: tying would replace the file's lm_head
-        model.tie_weights()
+    model.tie_weights()
     _check_no_meta(model, file["path"])
     if dtype == torch.float16:
         # As transformers' from_pretrained does: T5's feed-forward output ("wo") overflows in float16.
