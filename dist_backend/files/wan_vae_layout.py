@@ -6,7 +6,7 @@ Why our own converter: diffusers' `convert_wan_vae_to_diffusers` has the real VA
 (the decoder's flat `upsamples.N` index → up block is a fixed table for two residual blocks per level), so it
 cannot read another layout (our tiny test files have one). Ours takes the layout from the VAE config
 (`num_res_blocks`, `dim_mult`) and is checked against diffusers' converter on the real layout's names
-(tests/unit/test_qwen_files.py).
+(tests/unit/test_qwen_single_file.py).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def test_fp32_files_with_comfy_prefix_give_the_folder_latents_on_two_ranks(qwen_
     expected = reference(tiny_pipes, "qwenimage", PROMPTS, seed=3)
     diff = float((latents - expected).abs().max())
     print(f"\n[measured] qwen-image fp32 files, dp2: max abs latent diff vs the folder in one process = {diff:.3e}")
-    # Bit for bit: the weights are (tests/unit/test_qwen_files.py), and so is every latent here (Flux's files can
+    # Bit for bit: the weights are (tests/unit/test_qwen_single_file.py), and so is every latent here (Flux's files can
     # differ in the last bit, see tests/dist/test_files.py; Qwen-Image's measured none).
     assert torch.equal(latents, expected)
     assert torch.equal(to_uint8(images), reference_images(tiny_pipes, "qwenimage", expected))
