@@ -50,7 +50,7 @@ class LoadFiles:
     DESCRIPTION = ("Loads a model from the single files ComfyUI's own templates use (diffusion model, text "
                    "encoders, VAE; fp16, fp8 or ComfyUI's scaled fp8) on the rank sidecar, with the same parallel "
                    "settings as Load Sharded. Each rank memory-maps the files; nothing is converted on disk. "
-                   "Supported families: flux.")
+                   "Supported families: flux, qwenimage.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPELINE,)
     RETURN_NAMES = ("pipeline",)
@@ -66,12 +66,14 @@ class LoadFiles:
         return {
             "required": {
                 "family": ([f.value for f in Family], {"default": "flux", "tooltip": "The model family of the files."}),
-                "diffusion_model": (diffusion, {"tooltip": "The diffusion model (Flux: flux1-dev.safetensors, also fp8)."}),
-                "text_encoder_1": (text, {"tooltip": "The first text encoder (Flux: clip_l.safetensors)."}),
+                "diffusion_model": (diffusion, {"tooltip": "The diffusion model (Flux: flux1-dev.safetensors; "
+                                                           "Qwen-Image: qwen_image_fp8_e4m3fn / qwen_image_bf16)."}),
+                "text_encoder_1": (text, {"tooltip": "The first text encoder (Flux: clip_l.safetensors; Qwen-Image: "
+                                                     "qwen_2.5_vl_7b[_fp8_scaled])."}),
                 "text_encoder_2": ([NONE, *text], {"default": NONE,
                                                    "tooltip": "The second text encoder where the family has two "
                                                               "(Flux: t5xxl_fp16 / t5xxl_fp8_e4m3fn); none otherwise."}),
-                "vae": (vae, {"tooltip": "The VAE (Flux: ae.safetensors)."}),
+                "vae": (vae, {"tooltip": "The VAE (Flux: ae.safetensors; Qwen-Image: qwen_image_vae.safetensors)."}),
                 "weights": (["default", "fp8"], {"default": "default",
                                                  "tooltip": "default: the transformer in the compute dtype (fp8 files "
                                                             "are dequantised). fp8: kept in float8 and upcast per layer "

@@ -9,8 +9,9 @@ Architecture configs come from small json files shipped with the pack (`pipeline
 like a diffusers folder without weights) or from any diffusers-layout folder given as `configs`; tokenizers
 from the ComfyUI install (its `comfy/` folder bundles them) or from a diffusers folder. Nothing is downloaded.
 
-Supported now: Flux (FLUX.1 dev / schnell). Qwen-Image and Wan files are recognised (so a wrong file gets a
-clear message) but refused with UnsupportedError: load those from a diffusers folder.
+Supported now: Flux (FLUX.1 dev / schnell) and Qwen-Image (ComfyUI's qwen_image_*, qwen_2.5_vl_7b*,
+qwen_image_vae files). Wan files are recognised (so a wrong file gets a clear message) but refused with
+UnsupportedError: load those from a diffusers folder.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ PARTS: dict[Family, dict[str, tuple[FileKind, ...]]] = {
     Family.WAN: {"transformer": (FileKind.WAN_TRANSFORMER,), "text_encoder": (FileKind.UMT5_ENCODER,),
                  "vae": (FileKind.WAN_VAE,)},
 }
-SUPPORTED = (Family.FLUX,)
+SUPPORTED = (Family.FLUX, Family.QWENIMAGE)
 # What users call each part (ComfyUI's folder and the usual file), for messages.
 PART_HINTS = {
     "transformer": "the diffusion model (models/diffusion_models, e.g. flux1-dev.safetensors)",
@@ -57,12 +58,27 @@ PART_HINTS = {
     "text_encoder_2": "the second text encoder (models/text_encoders, e.g. t5xxl_fp16.safetensors)",
     "vae": "the VAE (models/vae, e.g. ae.safetensors)",
 }
+# The same, for families whose usual files are others than Flux's.
+PART_HINTS_OF = {
+    Family.QWENIMAGE: {
+        "transformer": "the diffusion model (models/diffusion_models, e.g. qwen_image_fp8_e4m3fn.safetensors)",
+        "text_encoder": "the text encoder (models/text_encoders, e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors)",
+        "vae": "the VAE (models/vae, e.g. qwen_image_vae.safetensors)",
+    },
+}
 # Tokenizer folders: in a diffusers folder, and in a ComfyUI install (relative to its root).
 _TOKENIZER_DIRS = {
     "tokenizer": ("tokenizer", "comfy/sd1_tokenizer", "sd1_tokenizer"),
     "tokenizer_2": ("tokenizer_2", "comfy/text_encoders/t5_tokenizer", "text_encoders/t5_tokenizer"),
 }
-_TOKENIZER_OF = {Family.FLUX: {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}}
+_TOKENIZER_OF = {Family.FLUX: {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"},
+                 Family.QWENIMAGE: {"text_encoder": "tokenizer"}}
+# Where a family's tokenizer lies when it is not the one _TOKENIZER_DIRS names (Qwen-Image's "tokenizer" is
+# Qwen2.5's, which ComfyUI bundles under text_encoders/qwen25_tokenizer).
+_TOKENIZER_DIRS_OF = {
+    Family.QWENIMAGE: {"tokenizer": ("tokenizer", "comfy/text_encoders/qwen25_tokenizer",
+                                     "text_encoders/qwen25_tokenizer")},
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,13 +86,14 @@ class ModelFiles:
     """A model given as single files. Equal instances are the same model (the session does not reload it)."""
 
     family: str
-    """Pipeline family: flux (qwenimage and wan are recognised but not loaded from files yet)."""
+    """Pipeline family: flux or qwenimage (wan is recognised but not loaded from files yet)."""
     transformer: str
-    """The diffusion model file (BFL layout, optionally with ComfyUI's `model.diffusion_model.` prefix)."""
+    """The diffusion model file (Flux: BFL layout; Qwen-Image: qwen_image_*; optionally with ComfyUI's
+    `model.diffusion_model.` prefix)."""
     vae: str
-    """The VAE file (Flux: ae.safetensors)."""
+    """The VAE file (Flux: ae.safetensors; Qwen-Image: qwen_image_vae.safetensors)."""
     text_encoder: str = ""
-    """The first text encoder file (Flux: clip_l.safetensors)."""
+    """The first text encoder file (Flux: clip_l.safetensors; Qwen-Image: qwen_2.5_vl_7b[_fp8_scaled])."""
     text_encoder_2: str = ""
     """The second text encoder file, for families with two (Flux: t5xxl_fp16 / t5xxl_fp8_e4m3fn[_scaled])."""
     tokenizers: str = ""
@@ -161,12 +178,12 @@ def read_files_config(files: ModelFiles) -> dict:
     infos: dict[str, FileInfo] = {}
     for part, kinds in expected.items():
         if part not in given:
-            raise ConfigError(f"{family.value} needs {PART_HINTS[part]}; {part} is empty")
+            raise ConfigError(f"{family.value} needs {_hint(family, part)}; {part} is empty")
         info = inspect_file(given[part], role=part)
         if info.kind not in kinds:
             want = " or ".join(DESCRIPTIONS[k] for k in kinds)
             raise ModelError(f"{part} file {info.path!r} is {info.description}, but {family.value} expects "
-                             f"{want} there; pick {PART_HINTS[part]}")
+                             f"{want} there; pick {_hint(family, part)}")
         infos[part] = info
     if family not in SUPPORTED:
         raise UnsupportedError(f"loading {family.value} from single files is not supported yet (supported: "
@@ -182,12 +199,18 @@ def read_files_config(files: ModelFiles) -> dict:
             "configs_dir": str(configs_dir), "weights": files.weights.value}
 
 
+def _hint(family: Family, part: str) -> str:
+    return PART_HINTS_OF.get(family, {}).get(part, PART_HINTS[part])
+
+
 def _shipped_model(family: Family, infos: dict[str, FileInfo]) -> str:
     if family is Family.FLUX:
         shapes = infos["transformer"].shapes
         guidance = "guidance_in.in_layer.weight" in shapes or \
             "time_text_embed.guidance_embedder.linear_1.weight" in shapes
         return "flux-dev" if guidance else "flux-schnell"
+    if family is Family.QWENIMAGE:
+        return "qwen-image"  # Qwen-Image and Qwen-Image-2512 share the architecture
     raise AssertionError(family)
 
 
@@ -216,6 +239,15 @@ def _mismatch(info: FileInfo, what: str, found, config_value, configs_dir: Path)
 
 def _check_shapes(family: Family, infos: dict[str, FileInfo], components: dict, configs_dir: Path) -> None:
     """The few shapes that fix each architecture, against the configs (so a wrong file fails here, not on a rank)."""
+    if family is Family.QWENIMAGE:
+        from .qwen_layout import shape_checks
+
+        for info, what, found, want in shape_checks(infos, components):
+            found = tuple(found) if isinstance(found, (list, tuple)) else found
+            want = tuple(want) if isinstance(want, (list, tuple)) else want
+            if found != want:
+                raise _mismatch(info, what, found, want, configs_dir)
+        return
     t, cfg = infos["transformer"], components["transformer"]
     inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     if t.kind is FileKind.FLUX_TRANSFORMER_BFL:
@@ -252,9 +284,10 @@ def _check_shapes(family: Family, infos: dict[str, FileInfo], components: dict, 
 def _find_tokenizers(family: Family, files: ModelFiles, configs_dir: Path) -> dict[str, str]:
     roots = [Path(files.tokenizers)] if files.tokenizers else [configs_dir]
     found = {}
+    dirs = {**_TOKENIZER_DIRS, **_TOKENIZER_DIRS_OF.get(family, {})}
     for part, name in _TOKENIZER_OF[family].items():
         for root in roots:
-            for rel in _TOKENIZER_DIRS[name]:
+            for rel in dirs[name]:
                 folder = root / rel
                 if folder.is_dir() and (any(folder.glob("tokenizer*.json")) or (folder / "vocab.json").is_file()):
                     found[name] = str(folder)
@@ -264,6 +297,6 @@ def _find_tokenizers(family: Family, files: ModelFiles, configs_dir: Path) -> di
         if name not in found:
             where = str(roots[0])
             raise ModelError(f"no {name} (for {part}) in {where!r}: expected one of "
-                             f"{', '.join(_TOKENIZER_DIRS[name])} there. Give tokenizers = the ComfyUI folder (its "
+                             f"{', '.join(dirs[name])} there. Give tokenizers = the ComfyUI folder (its "
                              "comfy/ folder bundles the tokenizers) or a diffusers folder of the model")
     return found

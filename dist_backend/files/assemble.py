@@ -30,8 +30,9 @@ _IGNORED = {FileKind.CLIP_TEXT: ("text_projection.weight", "logit_scale", "embed
 # diffusers' defaults intend. Not "norm": `model.enable_layerwise_casting` adds Flux's own skip pattern "norm",
 # which also keeps the AdaLN modulation linears (norm1.linear, ~1/3 of FLUX.1's weights) in bf16: 0.64 of the
 # memory instead of 0.50 (FLUX.1-dev on the meta device: 22.2 GiB bf16, 14.1 vs 11.1 GiB). ComfyUI's fp8 files
-# hold those layers in fp8 too.
-FP8_SKIP_PATTERN = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "^proj_out$")
+# hold those layers in fp8 too. Qwen-Image's input layers are img_in / txt_in (and txt_norm).
+FP8_SKIP_PATTERN = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "^proj_out$",
+                    "^img_in$", "^txt_in$", "^txt_norm$")
 
 
 def enable_fp8_storage(model: torch.nn.Module, *, compute_dtype: torch.dtype) -> None:
@@ -96,16 +97,24 @@ def _check_no_meta(model: torch.nn.Module, path: str) -> None:
         raise ModelError(f"{path!r} lacks tensors {left[:5]}; the file is of another model version or damaged")
 
 
-def load_transformer(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel
+def _model_class(info: dict, name: str):
+    """The class model_index.json names for component `name` (diffusers or transformers)."""
+    import importlib
 
+    library, class_name = info["model_index"][name]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def load_transformer(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
     from .flux_layout import flux_to_diffusers
 
     file = info["files"]["transformer"]
     state = dequantise(read_state(file), dtype=dtype)
     if file["kind"] == FileKind.FLUX_TRANSFORMER_BFL.value:
         state = flux_to_diffusers(state, path=file["path"])
-    model = _empty(lambda: FluxTransformer2DModel.from_config(info["components"]["transformer"]))
+    # QWENIMAGE_TRANSFORMER files have diffusers' names already (see qwen_layout).
+    cls = _model_class(info, "transformer")
+    model = _empty(lambda: cls.from_config(info["components"]["transformer"]))
     _fill(model, state, path=file["path"])
     _check_no_meta(model, file["path"])
     model.eval().requires_grad_(False)  # built, not loaded by from_pretrained: train mode would keep dropout on
@@ -115,15 +124,19 @@ def load_transformer(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_vae(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from .wan_vae_layout import wan_vae_to_diffusers
 
     file = info["files"]["vae"]
     config = info["components"]["vae"]
     state = dequantise(read_state(file), dtype=dtype)
     if file["kind"] == FileKind.LDM_VAE.value:
         state = convert_ldm_vae_checkpoint(state, dict(config))
-    model = _empty(lambda: AutoencoderKL.from_config(config))
+    elif file["kind"] == FileKind.WAN_VAE.value:
+        state = wan_vae_to_diffusers(state, config=config, path=file["path"])
+    cls = _model_class(info, "vae")
+    model = _empty(lambda: cls.from_config(config))
     _fill(model, state, path=file["path"])
     _check_no_meta(model, file["path"])
     return model.eval().requires_grad_(False)
@@ -139,11 +152,21 @@ def load_text_encoder(info: dict, part: str, *, dtype: torch.dtype) -> torch.nn.
         cls, config = transformers.CLIPTextModel, transformers.CLIPTextConfig(**config_dict)
     elif kind is FileKind.T5_ENCODER:
         cls, config = transformers.T5EncoderModel, transformers.T5Config(**config_dict)
+    elif kind is FileKind.QWEN25_VL:
+        cls, config = transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLConfig(**config_dict)
     else:
         raise AssertionError(kind)
     state = dequantise(read_state(file), dtype=dtype)
     for name in _IGNORED.get(kind, ()):
         state.pop(name, None)
+    if kind is FileKind.QWEN25_VL:
+        from .qwen_layout import LM_HEAD, text_encoder_to_transformers
+
+        state = text_encoder_to_transformers(state, path=file["path"])
+        if LM_HEAD not in state:
+            # Files saved from ComfyUI have no lm_head (its model has none). QwenImagePipeline reads the hidden
+            # states only, never the logits, so the head shares the token embedding instead of taking memory.
+            state[LM_HEAD] = state["model.language_model.embed_tokens.weight"]
     model = _empty(lambda: cls(config))
     # T5 files keep the embedding once (shared.weight); the encoder's copy is tied to it below.
     _fill(model, state, path=file["path"], allow_missing=("encoder.embed_tokens.weight",))
@@ -163,18 +186,22 @@ def load_tokenizers(info: dict) -> dict[str, Any]:
 
     out = {}
     for name, folder in info["tokenizers"].items():
-        if name == "tokenizer":
+        class_name = info["model_index"].get(name, (None, None))[1]
+        if class_name == "CLIPTokenizer":
             # ComfyUI's CLIP tokenizer says model_max_length 8192; the text encoder has 77 positions.
             limit = info["components"]["text_encoder"]["max_position_embeddings"]
             out[name] = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=limit)
+        elif class_name == "Qwen2Tokenizer":  # as QwenImagePipeline.from_pretrained loads it
+            out[name] = transformers.Qwen2Tokenizer.from_pretrained(folder)
         else:
             out[name] = transformers.AutoTokenizer.from_pretrained(folder)
     return out
 
 
 def load_files_pipeline(info: dict, *, components: Iterable[str], dtype: torch.dtype):
-    """The family's pipeline with the heavy `components` built from their files, the others None."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    """The family's pipeline (model_index.json's class) with the heavy `components` built from their files, the
+    others None."""
+    import diffusers
 
     wanted = set(components)
     built: dict[str, Any] = {name: None for name in info["models"]}
@@ -186,5 +213,6 @@ def load_files_pipeline(info: dict, *, components: Iterable[str], dtype: torch.d
             built[name] = load_vae(info, dtype=dtype)
         else:
             built[name] = load_text_encoder(info, name, dtype=dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(info["components"]["scheduler"])
-    return FluxPipeline(scheduler=scheduler, **load_tokenizers(info), **built)
+    scheduler = _model_class(info, "scheduler").from_config(info["components"]["scheduler"])
+    pipeline = getattr(diffusers, info["model_index"]["_class_name"])
+    return pipeline(scheduler=scheduler, **load_tokenizers(info), **built)

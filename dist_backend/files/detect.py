@@ -15,6 +15,7 @@ from ..pipelines import check_safetensors
 FIX_DAMAGED = "the file is damaged or was cut off; download it again"
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 SCALED_FP8_KEY = "scaled_fp8"  # ComfyUI's marker key (after the model prefix) for per-layer `scale_weight` files
+COMFY_QUANT_SUFFIX = ".comfy_quant"  # newer ComfyUI's per-layer quantisation settings (weight_scale, block formats)
 
 
 class FileKind(str, enum.Enum):
@@ -43,14 +44,17 @@ _MARKERS: tuple[tuple[FileKind, str, str], ...] = (
      "a Flux transformer (original BFL layout, e.g. flux1-dev.safetensors)"),
     (FileKind.FLUX_TRANSFORMER_DIFFUSERS, "single_transformer_blocks.0.attn.to_q.weight",
      "a Flux transformer (diffusers layout)"),
-    (FileKind.QWENIMAGE_TRANSFORMER, "txt_norm.weight", "a Qwen-Image transformer"),
+    (FileKind.QWENIMAGE_TRANSFORMER, "txt_norm.weight",
+     "a Qwen-Image transformer (e.g. qwen_image_fp8_e4m3fn.safetensors)"),
     (FileKind.WAN_TRANSFORMER, "patch_embedding.weight", "a Wan transformer"),
     (FileKind.LDM_VAE, "encoder.down.0.block.0.conv1.weight", "an image VAE (LDM layout, e.g. ae.safetensors)"),
     (FileKind.DIFFUSERS_VAE, "encoder.down_blocks.0.resnets.0.conv1.weight", "an image VAE (diffusers layout)"),
     (FileKind.WAN_VAE, "decoder.head.0.gamma", "a Wan / Qwen-Image video VAE"),
     (FileKind.CLIP_TEXT, "encoder.layers.0.self_attn.q_proj.weight", "a CLIP text encoder"),
     (FileKind.T5_ENCODER, "encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 text encoder"),
-    (FileKind.QWEN25_VL, "layers.0.mlp.gate_proj.weight", "a Qwen2.5-VL text encoder"),
+    # The whole checkpoint (model.*, visual.*, lm_head) is the part, so the marker includes "model.".
+    (FileKind.QWEN25_VL, "model.layers.0.mlp.gate_proj.weight",
+     "a Qwen2.5-VL text encoder (e.g. qwen_2.5_vl_7b.safetensors)"),
 )
 DESCRIPTIONS = {kind: what for kind, _, what in _MARKERS}
 DESCRIPTIONS[FileKind.UMT5_ENCODER] = "a UMT5 text encoder (umt5_xxl, Wan)"
@@ -106,6 +110,10 @@ def inspect_file(path: str | Path, *, role: str) -> FileInfo:
         dtypes: dict[str, int] = {}
         for k in names:
             dtypes[header[k]["dtype"]] = dtypes.get(header[k]["dtype"], 0) + 1
+        if any(k.endswith(COMFY_QUANT_SUFFIX) for k in shapes):
+            raise ModelError(f"{role} file {str(path)!r} is {DESCRIPTIONS[kind]} in ComfyUI's mixed-precision "
+                             "quantised format (per-layer 'comfy_quant' settings), which this pack does not read; pick "
+                             "the bf16 / fp16, fp8_e4m3fn or fp8 scaled file of the model")
         scaled = SCALED_FP8_KEY in shapes
         if scaled:
             del shapes[SCALED_FP8_KEY]

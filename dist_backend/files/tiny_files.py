@@ -3,7 +3,9 @@
 
 Layouts as in the real files: the Flux transformer in BFL names (optionally under ComfyUI's
 `model.diffusion_model.` prefix), clip_l under `text_model.`, t5xxl in transformers' names (one `shared.weight`),
-ae.safetensors in the LDM VAE layout. Storage variants: fp32, fp16, fp8 (float8_e4m3fn linear weights) and
+ae.safetensors in the LDM VAE layout; Qwen-Image's transformer in diffusers' names (optionally under the prefix),
+qwen_2.5_vl in the original Qwen2.5-VL layout without lm_head (as ComfyUI saves it), the VAE in the original Wan
+layout. Storage variants: fp32, fp16, fp8 (float8_e4m3fn linear weights) and
 scaled_fp8 (ComfyUI's: fp8 weight / scale, a float32 `scale_weight` per layer and a `scaled_fp8` marker key).
 """
 
@@ -37,9 +39,13 @@ def quantise(t: torch.Tensor, *, scaled: bool) -> tuple[torch.Tensor, torch.Tens
     return (t / scale).to(torch.float8_e4m3fn), scale
 
 
+# Token embeddings keep their dtype in the real fp8 files (T5's, Qwen2.5-VL's).
+_EMBEDDINGS = ("shared.weight", "model.embed_tokens.weight")
+
+
 def _fp8_candidate(name: str, t: torch.Tensor) -> bool:
-    # Like the real fp8 files: the matrices of linear layers; biases, norms and T5's token embedding keep their dtype.
-    return name.endswith(".weight") and t.ndim == 2 and name != "shared.weight"
+    # Like the real fp8 files: the matrices of linear layers; biases, norms and token embeddings keep their dtype.
+    return name.endswith(".weight") and t.ndim == 2 and name not in _EMBEDDINGS
 
 
 def _store(sd: dict[str, torch.Tensor], storage: Storage, *, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -89,6 +95,40 @@ def write_flux_files(tiny_dir: str | Path, out_dir: str | Path, *, storage: Stor
     }
     names = {"transformer": f"flux1-tiny-{tag}.safetensors", "text_encoder": f"clip_l-tiny-{plain.value}.safetensors",
              "text_encoder_2": f"t5xxl-tiny-{storage.value}.safetensors", "vae": f"ae-tiny-{plain.value}.safetensors"}
+    paths = {}
+    for part, sd in tensors.items():
+        paths[part] = str(out / names[part])
+        save_file(sd, paths[part])
+    return paths
+
+
+def write_qwenimage_files(tiny_dir: str | Path, out_dir: str | Path, *, storage: Storage | str = Storage.FP32,
+                          comfy_prefix: bool = False) -> dict[str, str]:
+    """Write qwen_image (transformer), qwen_2.5_vl (text encoder) and qwen_image_vae files of the tiny Qwen-Image
+    folder; return {part: path}. fp8 storages apply to the transformer and the text encoder (as ComfyUI's
+    qwen_image_fp8_e4m3fn and qwen_2.5_vl_7b_fp8_scaled); the VAE uses fp16 for the fp16 storage, fp32 otherwise."""
+    from safetensors.torch import save_file
+
+    from .qwen_layout import LM_HEAD
+    from .wan_vae_layout import diffusers_to_wan_vae
+
+    storage = Storage(str(storage))
+    tiny_dir, out = Path(tiny_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plain = Storage.FP16 if storage is Storage.FP16 else Storage.FP32
+    vae_config = json.loads((tiny_dir / "vae" / "config.json").read_text())
+    # transformers saves Qwen2.5-VL in the original layout already (model.*, visual.*, lm_head).
+    text_encoder = {k: t for k, t in _component(tiny_dir, "text_encoder").items() if k != LM_HEAD}
+    tag = f"{storage.value}{'_comfy' if comfy_prefix else ''}"
+    tensors = {
+        "transformer": _store(_component(tiny_dir, "transformer"), storage,
+                              prefix="model.diffusion_model." if comfy_prefix else ""),
+        "text_encoder": _store(text_encoder, storage),
+        "vae": _store(diffusers_to_wan_vae(_component(tiny_dir, "vae"), config=vae_config), plain),
+    }
+    names = {"transformer": f"qwen_image-tiny-{tag}.safetensors",
+             "text_encoder": f"qwen_2.5_vl-tiny-{storage.value}.safetensors",
+             "vae": f"qwen_image_vae-tiny-{plain.value}.safetensors"}
     paths = {}
     for part, sd in tensors.items():
         paths[part] = str(out / names[part])

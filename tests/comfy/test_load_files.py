@@ -1,6 +1,7 @@
 """DistDiffLoadFiles on a real ComfyUI host: it lists the files of ComfyUI's own model folders, shares LoadSharded's
 parallel inputs, and a workflow loading the tiny Flux from single files (BFL transformer under ComfyUI's prefix,
-clip_l, t5xxl, ae) gives the same image as the same workflow loading the diffusers folder."""
+clip_l, t5xxl, ae) gives the same image as the same workflow loading the diffusers folder; so does one loading the
+tiny Qwen-Image from ComfyUI's Qwen-Image files (ComfyUI 0.33), whose bundled Qwen2.5 tokenizer is the default."""
 
 from __future__ import annotations
 
@@ -122,3 +123,77 @@ def test_the_hosts_bundled_tokenizers_are_used_or_their_absence_is_a_clear_error
     assert clip.model_max_length == 16  # the text encoder's positions (tiny config), not the file's 8192
     ids = t5("a photo of a cat").input_ids
     assert ids[-1] == t5.eos_token_id == 1 and len(ids) > 4 and len(t5) >= 32100
+
+
+# -- Qwen-Image ------------------------------------------------------------------------------------------------
+QWEN_TINY_NAME = "distdiff-tiny-qwenimage"
+_QWEN_FOLDERS = {"transformer": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
+
+
+@pytest.fixture
+def qwen_model_paths(tiny_dirs, tmp_path):
+    """ComfyUI model folders holding the tiny Qwen-Image as ComfyUI's files (qwen_image with the
+    model.diffusion_model. prefix, qwen_2.5_vl without lm_head, qwen_image_vae) and as a diffusers folder."""
+    from dist_backend.files.tiny_files import write_qwenimage_files
+
+    written = write_qwenimage_files(tiny_dirs["qwenimage"], tmp_path / "written", storage="fp32", comfy_prefix=True)
+    names = {}
+    for part, path in written.items():
+        target = tmp_path / _QWEN_FOLDERS[part]
+        target.mkdir(exist_ok=True)
+        names[part] = path.rsplit("/", 1)[1]
+        shutil.move(path, target / names[part])
+    (tmp_path / "diffusers").mkdir()
+    (tmp_path / "diffusers" / QWEN_TINY_NAME).symlink_to(tiny_dirs["qwenimage"], target_is_directory=True)
+    paths = {folder: [str(tmp_path / folder)] for folder in ("diffusion_models", "text_encoders", "vae", "diffusers")}
+    return paths, names
+
+
+@pytest.mark.modern_host
+@pytest.mark.keeps_ranks
+def test_qwenimage_files_workflow_equals_the_diffusers_folder_workflow(comfy_server_factory, qwen_model_paths,
+                                                                       tiny_dirs):
+    paths, names = qwen_model_paths
+    server = comfy_server_factory(model_paths=paths)
+    try:
+        folder = json.loads((REPO_ROOT / "example_workflows" / "data_parallel.api.json").read_text())
+        folder["1"]["inputs"]["model"] = QWEN_TINY_NAME
+        folder["2"]["inputs"]["prompt"] = "a red fox in the snow\na lighthouse at dusk"
+        folder["3"]["inputs"].update(guidance=1.0, steps=3)
+        files = copy.deepcopy(folder)
+        parallel = {k: v for k, v in folder["1"]["inputs"].items() if k not in ("model", "model_path")}
+        files["1"] = {"class_type": "DistDiffLoadFiles", "inputs": {
+            "family": "qwenimage", "diffusion_model": names["transformer"], "text_encoder_1": names["text_encoder"],
+            "text_encoder_2": "none", "vae": names["vae"], "weights": "default", **parallel,
+            # The tiny model's tokenizer and architecture (a real one uses ComfyUI's tokenizer and shipped configs).
+            "tokenizers_path": str(tiny_dirs["qwenimage"]), "configs_path": str(tiny_dirs["qwenimage"])}}
+        results = {}
+        for name, prompt in (("folder", folder), ("files", files)):
+            prompt_id, events = server.run(prompt, timeout=300)
+            errors = [e for e in events if e["type"] == "execution_error"]
+            assert not errors, errors[0]
+            results[name] = pixels(server, prompt_id)
+        assert len(results["files"]) == len(results["folder"]) == 2
+        for got, want in zip(results["files"], results["folder"]):
+            assert got.shape == (64, 64, 3) and np.array_equal(got, want)
+    finally:
+        server._http("POST", "/distdiff/release", {})
+        server.stop()
+    assert not wait_no_ranks()
+
+
+@pytest.mark.modern_host
+def test_the_hosts_bundled_qwen_tokenizer_is_used(comfy_host, qwen_model_paths, tiny_dirs):
+    """Qwen-Image's default tokenizer is the Qwen2.5 one the host bundles (comfy/text_encoders/qwen25_tokenizer)."""
+    from dist_backend.files import ModelFiles, read_files_config
+    from dist_backend.files.assemble import load_tokenizers
+
+    paths, names = qwen_model_paths
+    files = ModelFiles(family="qwenimage", configs=str(tiny_dirs["qwenimage"]), tokenizers=str(comfy_host.comfy_dir),
+                       **{part: f"{paths[_QWEN_FOLDERS[part]][0]}/{name}" for part, name in names.items()})
+    info = read_files_config(files)
+    assert info["tokenizers"]["tokenizer"] == str(comfy_host.comfy_dir / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    tokenizer = load_tokenizers(info)["tokenizer"]
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    assert tokenizer("a photo of a cat").input_ids == [64, 6548, 315, 264, 8251]  # Qwen2.5's vocabulary
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") == 151644  # the prompt template's marker

@@ -103,7 +103,7 @@ def test_missing_and_extra_parts_are_config_errors(files, tiny_dirs):
                                                                                  "vae": "/b.safetensors"}
 
 
-def test_qwenimage_and_wan_files_are_recognised_but_refused_as_not_supported_yet(tmp_path):
+def test_wan_files_are_recognised_but_refused_as_not_supported_yet(tmp_path):
     from safetensors.torch import save_file
 
     def header_only(name, keys):
@@ -111,12 +111,7 @@ def test_qwenimage_and_wan_files_are_recognised_but_refused_as_not_supported_yet
         save_file({k: torch.zeros(1) for k in keys}, str(path))
         return str(path)
 
-    vae = header_only("qwen_image_vae.safetensors", ["decoder.head.0.gamma"])
-    with pytest.raises(UnsupportedError, match="qwenimage from single files is not supported yet"):
-        read_files_config(ModelFiles(
-            family="qwenimage", vae=vae,
-            transformer=header_only("qwen_image_fp8.safetensors", ["txt_norm.weight"]),
-            text_encoder=header_only("qwen_2.5_vl_7b.safetensors", ["model.layers.0.mlp.gate_proj.weight"])))
+    vae = header_only("wan_2.1_vae.safetensors", ["decoder.head.0.gamma"])
     umt5 = header_only("umt5_xxl.safetensors", ["encoder.block.0.layer.0.SelfAttention.q.weight",
                                                 "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"])
     with pytest.raises(UnsupportedError, match="wan from single files"):
