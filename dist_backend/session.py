@@ -26,6 +26,7 @@ from .files import ModelFiles
 from .protocol import Op
 from .split import block_bounds, image_items
 from .status import RankStatus, SidecarState, StatusBoard, failure_from, rank_statuses
+from .tiled_decode import DecodeTiling
 
 if TYPE_CHECKING:
     from .lora import LoraSpec
@@ -92,6 +93,7 @@ class Session:
         self.last_cache_stats: list[dict[str, int] | None] = []  # per rank: {"forwards", "skipped"} of the step cache
         self.last_run: dict[str, Any] = {}  # what the last denoise ran (CLI summary, status route)
         self.last_cp_models: list[list[str]] = []
+        self.last_decode: dict[str, Any] = {}  # the last decode's tiling ("off"/"on") and whether it was split
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
@@ -392,19 +394,39 @@ class Session:
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
         return fmt.process_out(torch.cat(latents, dim=0))  # the one crossing to ComfyUI's raw space
 
-    def decode(self, latents: torch.Tensor, *, should_cancel: CancelFn | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, tiling: DecodeTiling | None = None,
+               should_cancel: CancelFn | None = None) -> torch.Tensor:
         """A ComfyUI LATENT's samples (raw VAE space, any layout ComfyUI accepts for the family: ours, VAE
-        Encode's, an empty latent's) -> float32 images [B, H, W, 3] in 0..1 (video: B × F frames). Split over all
-        ranks."""
+        Encode's, an empty latent's) -> float32 images [B, H, W, 3] in 0..1 (video: B × F frames).
+
+        Whole images are split over all ranks. With tiling on and fewer images than ranks, the images are split
+        over the data-parallel groups instead and each image's tiles over its group's ranks (tiled_decode); the
+        result is the same tiled decode either way. `tiling` AUTO tiles when the planner's estimate of a whole
+        decode does not fit the device (decode_fits)."""
         from .latent_format import latent_format
+        from .tiled_decode import DecodeTiling, VaeTiling
 
         self._require_model()
-        latents = latent_format(self._model_info).to_layout(latents, what="latents")
-        world = self.config.world_size
+        fmt = latent_format(self._model_info)
+        latents = fmt.to_layout(latents, what="latents")
+        tiling = tiling or DecodeTiling()
+        if tiling.mode is VaeTiling.AUTO:
+            size = fmt.pixel_size(latents)
+            whole = decode_fits(self._model_info, config=self.config, height=size["height"], width=size["width"],
+                                frames=size["num_frames"])
+            tiling = DecodeTiling(mode=VaeTiling.OFF if whole else VaeTiling.ON, tile_size=tiling.tile_size,
+                                  overlap=tiling.overlap)
+        world, group = self.config.world_size, self.config.group_size
+        split = tiling.mode is VaeTiling.ON and group > 1 and latents.shape[0] < world
         payloads = []
         for rank in range(world):
-            start, stop = block_bounds(latents.shape[0], world, rank)
-            payloads.append({"latents": latents[start:stop] if stop > start else None})  # encode copies it
+            if split:  # every rank of a group gets the group's images
+                start, stop = block_bounds(latents.shape[0], self.config.dp, rank // group)
+            else:
+                start, stop = block_bounds(latents.shape[0], world, rank)
+            payloads.append({"latents": latents[start:stop] if stop > start else None,  # encode copies it
+                             "tiling": tiling.to_message(), "split": split})
+        self.last_decode = {"tiling": tiling.mode.value, "split": split}
         with self._lock:
             sidecar = self.sidecar
             t0 = time.monotonic()
@@ -414,7 +436,31 @@ class Session:
             self.timings.add("decode", time.monotonic() - t0)
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)
 
+
+def decode_fits(model_info: dict, *, config: SessionConfig, height: int, width: int, frames: int) -> bool:
+    """Whether one whole (untiled) VAE decode of this size fits one rank's device, by the planner's estimate
+    (planning.costs.VAE_* constants): CUDA: the device's memory less the planner's reserve; CPU: this machine's
+    RAM shared by the ranks (as `generate --auto` plans CPU ranks)."""
+    import os
+
+    from .pipelines import Family
+    from .planning import costs
+    from .planning.model_facts import vae_geometry
+
+    _, temporal, channels = vae_geometry(Family(model_info["family"]), model_info["components"]["vae"])
+    element = 4 if config.dtype.value == "float32" else 2
+    need = costs.vae_decode_bytes(channels=channels, height=height, width=width, frames=frames, temporal=temporal,
+                                  tile=None, element=element)
+    if config.device.value == "cuda":
+        from .planning.hardware import detect_gpus
+
+        room = detect_gpus().memory - costs.RESERVE_BYTES
+    else:
+        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // config.world_size
+    return need <= room
+
     def generate(self, *, model_dir: str | Path | ModelFiles, prompts: list[str], negative_prompt: str | None = None,
+                 tiling: DecodeTiling | None = None,
                  seed: int, steps: int, guidance: float, height: int | None = None, width: int | None = None,
                  images_per_prompt: int = 1, num_frames: int = 1, latent: torch.Tensor | None = None,
                  denoise: float = 1.0, loras: Sequence[tuple[str | Path, float]] = (),
@@ -453,7 +499,7 @@ class Session:
                                images_per_prompt=images_per_prompt, num_frames=num_frames, latent=latent,
                                denoise=denoise, true_cfg_scale=true_cfg_scale, guidance_2=guidance_2,
                                on_progress=on_progress, should_cancel=should_cancel)
-        images = self.decode(latents, should_cancel=should_cancel)
+        images = self.decode(latents, tiling=tiling, should_cancel=should_cancel)
         return latents, images
 
     # -- checks --------------------------------------------------------------------------------------------------

@@ -96,6 +96,16 @@ NEAR_TIE = 0.03
 """Candidates within this fraction of the fastest count as equally fast; the simplest of them is chosen."""
 
 
+def vae_decode_bytes(*, channels: int, height: int, width: int, frames: int, temporal: int,
+                     tile: int | None, element: int = 2) -> int:
+    """Activation bytes of one VAE decode of a height × width output (`frames` frames; 1 for images), whole or in
+    tiles of `tile` pixels per side. A causal video VAE decodes one latent frame (`temporal` output frames) at a
+    time, so at most that many frames are in flight; tiles are decoded one after another, so one tile's area counts."""
+    in_flight = min(frames, temporal)
+    area = min(height, tile) * min(width, tile) if tile else height * width
+    return int(in_flight * area * channels * element * VAE_ACTIVATION_WIDTHS)
+
+
 def typical_gpu(memory_bytes: int) -> tuple[str, float]:
     """(name, FLOP/s) of the typical GPU with this much memory: the largest class that is not larger."""
     chosen = TYPICAL_GPUS[0]

@@ -138,10 +138,10 @@ class _Context(Explainer):
         return int(tokens * self.model.shape.hidden * 2 * costs.DENOISE_ACTIVATION_WIDTHS)
 
     def decode_activations(self, *, tiled: bool) -> int:
-        r = self.request
-        frames = min(r.frames, self.model.vae_temporal) if self.model.is_video else 1
-        area = min(r.height, costs.VAE_TILE) * min(r.width, costs.VAE_TILE) if tiled else r.height * r.width
-        return int(frames * area * self.model.vae_channels * 2 * costs.VAE_ACTIVATION_WIDTHS)
+        r, m = self.request, self.model
+        return costs.vae_decode_bytes(channels=m.vae_channels, height=r.height, width=r.width,
+                                      frames=r.frames if m.is_video else 1, temporal=m.vae_temporal,
+                                      tile=costs.VAE_TILE if tiled else None)
 
     def fit(self, lay: Candidate) -> tuple[int, bool] | str:
         """(bytes on the fullest GPU, VAE tiling) when the layout fits, else the arithmetic of why not."""
