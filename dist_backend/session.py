@@ -437,28 +437,6 @@ class Session:
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)
 
 
-def decode_fits(model_info: dict, *, config: SessionConfig, height: int, width: int, frames: int) -> bool:
-    """Whether one whole (untiled) VAE decode of this size fits one rank's device, by the planner's estimate
-    (planning.costs.VAE_* constants): CUDA: the device's memory less the planner's reserve; CPU: this machine's
-    RAM shared by the ranks (as `generate --auto` plans CPU ranks)."""
-    import os
-
-    from .pipelines import Family
-    from .planning import costs
-    from .planning.model_facts import vae_geometry
-
-    _, temporal, channels = vae_geometry(Family(model_info["family"]), model_info["components"]["vae"])
-    element = 4 if config.dtype.value == "float32" else 2
-    need = costs.vae_decode_bytes(channels=channels, height=height, width=width, frames=frames, temporal=temporal,
-                                  tile=None, element=element)
-    if config.device.value == "cuda":
-        from .planning.hardware import detect_gpus
-
-        room = detect_gpus().memory - costs.RESERVE_BYTES
-    else:
-        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // config.world_size
-    return need <= room
-
     def generate(self, *, model_dir: str | Path | ModelFiles, prompts: list[str], negative_prompt: str | None = None,
                  tiling: DecodeTiling | None = None,
                  seed: int, steps: int, guidance: float, height: int | None = None, width: int | None = None,
@@ -652,3 +630,26 @@ def shutdown_all(*, reason: str = "the sidecar was released") -> None:
         if _current is not None:
             _current.close(reason=reason)
         _current = None
+
+
+def decode_fits(model_info: dict, *, config: SessionConfig, height: int, width: int, frames: int) -> bool:
+    """Whether one whole (untiled) VAE decode of this size fits one rank's device, by the planner's estimate
+    (planning.costs.VAE_* constants): CUDA: the device's memory less the planner's reserve; CPU: this machine's
+    RAM shared by the ranks (as `generate --auto` plans CPU ranks)."""
+    import os
+
+    from .pipelines import Family
+    from .planning import costs
+    from .planning.model_facts import vae_geometry
+
+    _, temporal, channels = vae_geometry(Family(model_info["family"]), model_info["components"]["vae"])
+    element = 4 if config.dtype.value == "float32" else 2
+    need = costs.vae_decode_bytes(channels=channels, height=height, width=width, frames=frames, temporal=temporal,
+                                  tile=None, element=element)
+    if config.device.value == "cuda":
+        from .planning.hardware import detect_gpus
+
+        room = detect_gpus().memory - costs.RESERVE_BYTES
+    else:
+        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // config.world_size
+    return need <= room
