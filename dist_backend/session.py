@@ -404,7 +404,8 @@ class Session:
         result is the same tiled decode either way. `tiling` AUTO tiles when the planner's estimate of a whole
         decode does not fit the device (decode_fits)."""
         from .latent_format import latent_format
-        from .tiled_decode import DecodeTiling, VaeTiling
+        from .planning import costs
+        from .tiled_decode import VaeTiling
 
         self._require_model()
         fmt = latent_format(self._model_info)
@@ -414,8 +415,12 @@ class Session:
             size = fmt.pixel_size(latents)
             whole = decode_fits(self._model_info, config=self.config, height=size["height"], width=size["width"],
                                 frames=size["num_frames"])
-            tiling = DecodeTiling(mode=VaeTiling.OFF if whole else VaeTiling.ON, tile_size=tiling.tile_size,
-                                  overlap=tiling.overlap)
+            if whole:
+                tiling = DecodeTiling(mode=VaeTiling.OFF)
+            elif tiling.tile_size:
+                tiling = DecodeTiling(mode=VaeTiling.ON, tile_size=tiling.tile_size, overlap=tiling.overlap)
+            else:  # the tile the estimate assumed
+                tiling = DecodeTiling(mode=VaeTiling.ON, tile_size=costs.VAE_TILE, overlap=costs.VAE_TILE // 4)
         world, group = self.config.world_size, self.config.group_size
         split = tiling.mode is VaeTiling.ON and group > 1 and latents.shape[0] < world
         payloads = []

@@ -151,7 +151,7 @@ class _Context(Explainer):
         room = self.gpus.memory - costs.RESERVE_BYTES
         act = {"encode": 0, "denoise": self.denoise_activations(lay), "decode": self.decode_activations(tiled=False)}
         tiling = False
-        if act["decode"] > room - sizes.get("vae", 0):
+        if costs.decode_needs_tiles(whole=act["decode"], memory=self.gpus.memory, vae_weights=sizes.get("vae", 0)):
             tiling, act["decode"] = True, self.decode_activations(tiled=True)
         # Activations live next to the weights of their stage; resident, every stage's weights stay, so the
         # largest activation must fit beside all of them.
