@@ -255,8 +255,9 @@ class RankEngine:
                 z = latents[i:i + 1].to(device=self.device, dtype=pipe.vae.dtype)
                 # NOTE: the same decision on every rank of the group: same latents, same tiling, same VAE class.
                 if split and uses_tiles(pipe.vae, z):
-                    decoded = split_decode(pipe.vae, z, group=self.image_group, index=self.rank % self.config.group_size,
-                                           size=self.config.group_size, leader=self.rank - self.rank % self.config.group_size)
+                    size = self.config.group_size
+                    decoded = split_decode(pipe.vae, z, group=self.image_group, index=self.rank % size, size=size,
+                                           leader=self.rank - self.rank % size)
                     if decoded is not None:
                         images.append(self.adapter.to_images(pipe, decoded))
                 elif self.is_leader or not split:

@@ -638,9 +638,9 @@ def shutdown_all(*, reason: str = "the sidecar was released") -> None:
 
 
 def decode_fits(model_info: dict, *, config: SessionConfig, height: int, width: int, frames: int) -> bool:
-    """Whether one whole (untiled) VAE decode of this size fits one rank's device, by the planner's estimate
-    (planning.costs.VAE_* constants): CUDA: the device's memory less the planner's reserve; CPU: this machine's
-    RAM shared by the ranks (as `generate --auto` plans CPU ranks)."""
+    """Whether one whole (untiled) VAE decode of this size fits one rank's device, by the planner's estimate and
+    rule (planning.costs.vae_decode_bytes, decode_needs_tiles): CUDA: the device's memory; CPU: this machine's RAM
+    shared by the ranks (as `generate --auto` plans CPU ranks)."""
     import os
 
     from .pipelines import Family
@@ -654,7 +654,8 @@ def decode_fits(model_info: dict, *, config: SessionConfig, height: int, width: 
     if config.device.value == "cuda":
         from .planning.hardware import detect_gpus
 
-        room = detect_gpus().memory - costs.RESERVE_BYTES
+        memory = detect_gpus().memory
     else:
-        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // config.world_size
-    return need <= room
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // config.world_size
+    # The VAE's own weights (≤ 0.3 GB for these families) are within the reserve's slack; the host reads no weights.
+    return not costs.decode_needs_tiles(whole=need, memory=memory, vae_weights=0)

@@ -27,6 +27,7 @@ class DecodeVAE:
         from ..dist_backend.tiled_decode import DecodeTiling, VaeTiling
 
         session = pipeline.session()
-        images = run_cancellable(lambda: session.decode(samples["samples"], tiling=DecodeTiling(mode=VaeTiling.AUTO),
+        tiling = DecodeTiling(mode=VaeTiling.AUTO)
+        images = run_cancellable(lambda: session.decode(samples["samples"], tiling=tiling,
                                                         should_cancel=comfy_should_cancel()))
         return (images,)

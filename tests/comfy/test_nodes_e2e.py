@@ -86,7 +86,8 @@ def lora_args(prompt: dict, loras_root: Path) -> list[str]:
     return [arg for item in chain for arg in ("--lora", item)]
 
 
-def cli_pixels(prompt: dict, model_dir: Path, out: Path, loras_root: Path, extra: tuple[str, ...] = ()) -> list[np.ndarray]:
+def cli_pixels(prompt: dict, model_dir: Path, out: Path, loras_root: Path,
+               extra: tuple[str, ...] = ()) -> list[np.ndarray]:
     """The CLI run with the workflow's settings (the contract: the node graph and the CLI agree), as ComfyUI's
     SaveImage would write it. SaveImage truncates (uint8(255 × x)) where the CLI's PNGs round like diffusers
     (round(255 × x)), so the comparison uses the CLI's float images, saved next to its PNGs."""
