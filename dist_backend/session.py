@@ -441,13 +441,11 @@ class Session:
             self.timings.add("decode", time.monotonic() - t0)
         return torch.cat([r["images"] for r in results if r["images"] is not None], dim=0)
 
-
     def generate(self, *, model_dir: str | Path | ModelFiles, prompts: list[str], negative_prompt: str | None = None,
-                 tiling: DecodeTiling | None = None,
                  seed: int, steps: int, guidance: float, height: int | None = None, width: int | None = None,
                  images_per_prompt: int = 1, num_frames: int = 1, latent: torch.Tensor | None = None,
                  denoise: float = 1.0, loras: Sequence[tuple[str | Path, float]] = (),
-                 true_cfg_scale: float = 1.0, guidance_2: float | None = None,
+                 true_cfg_scale: float = 1.0, guidance_2: float | None = None, tiling: DecodeTiling | None = None,
                  on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All four stages, with `loras` ((file, strength) pairs) applied. Returns (latents, images); `latent` and

@@ -43,7 +43,8 @@ class DecodeTiling:
     tile_size: int = 0
     """Pixels per side of a tile (ComfyUI's VAE Decode (Tiled) `tile_size`)."""
     overlap: int = 0
-    """Pixels neighbouring tiles share and blend over (ComfyUI's `overlap`)."""
+    """Pixels neighbouring tiles share and blend over (ComfyUI's `overlap`); 0 = a quarter of the tile (the VAEs'
+    default ratio)."""
 
     def __post_init__(self) -> None:
         try:
@@ -60,6 +61,15 @@ class DecodeTiling:
         if self.tile_size and self.overlap and 2 * self.overlap >= self.tile_size:
             raise ConfigError(f"vae tile overlap {self.overlap} must be less than half the tile size "
                               f"({self.tile_size} / 2 = {self.tile_size // 2})")
+        if self.tile_size and self.overlap:
+            # AutoencoderKL takes the overlap as a float factor and diffusers truncates both products with int():
+            # a factor that is not exact in binary (40 / 200) makes the tile stride one latent short of the crop.
+            f = self.overlap / self.tile_size
+            if int(self.tile_size // 8 * (1 - f)) * 8 != self.tile_size - self.overlap or \
+                    int(self.tile_size * f) != self.overlap:
+                raise ConfigError(f"vae tile overlap {self.overlap} / tile_size {self.tile_size} = {f} is not exact "
+                                  "in binary, which diffusers' tiled decode needs; use a power-of-two share such as "
+                                  f"{self.tile_size // 4} or {self.tile_size // 8}")
         if self.overlap and not self.tile_size:
             raise ConfigError(f"vae tile overlap {self.overlap} needs a tile_size too (the defaults differ per VAE)")
 

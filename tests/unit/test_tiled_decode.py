@@ -20,6 +20,8 @@ def test_tiling_settings_are_checked_with_the_rule():
         DecodeTiling(mode="on", tile_size=32)
     with pytest.raises(ConfigError, match=r"overlap 256 must be less than half the tile size \(512 / 2 = 256\)"):
         DecodeTiling(mode="on", tile_size=512, overlap=256)
+    with pytest.raises(ConfigError, match=r"overlap 40 / tile_size 96 = 0.41666.* not exact in binary.* 24 or 12"):
+        DecodeTiling(mode="on", tile_size=96, overlap=40)  # diffusers would stride 6 latents and crop 7
     with pytest.raises(ConfigError, match=r"needs a tile_size"):
         DecodeTiling(mode="on", overlap=64)
 
