@@ -17,6 +17,8 @@ _EXPORTS = {
     "WeightStorage": "files",
     "Session": "session",
     "Conditioning": "session",
+    "DecodeTiling": "tiled_decode",
+    "VaeTiling": "tiled_decode",
     "get_session": "session",
     "shutdown_all": "session",
     "DistDiffError": "errors",

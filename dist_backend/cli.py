@@ -99,6 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, host=cluster.listen_host)
     model = _model_from_args(args)
     init = read_latent_file(args.init_latent) if args.init_latent else None
+    tiling = _tiling_from_args(args, plan)  # validated before any rank starts
     session = Session(config, cluster=cluster)
     t0 = time.monotonic()
     try:
@@ -106,7 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model_dir=model, prompts=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
             images_per_prompt=args.images_per_prompt, num_frames=args.num_frames, latent=init, denoise=args.denoise,
-            loras=args.lora, true_cfg_scale=args.true_cfg, guidance_2=args.guidance_2,
+            loras=args.lora, true_cfg_scale=args.true_cfg, guidance_2=args.guidance_2, tiling=tiling,
         )
     finally:
         session.close()
@@ -121,6 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     summary = {
         "strategy": config.strategy, "ranks": config.world_size, "device": config.device.value,
         **session.last_run,  # cfg degree, compile and graphs compiled, cache and forwards skipped
+        "decode": session.last_decode,  # VAE tiling on/off and whether one output's tiles were split over ranks
         "seconds": {**session.timings.stages, "total": round(time.monotonic() - t0, 4)},
         "loras": [[spec.path, spec.strength] for spec in session.loras],
         "images": paths, **({"latent": latent_path} if latent_path else {}),
@@ -129,6 +131,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         summary["plan"] = plan.to_dict()
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def _tiling_from_args(args: argparse.Namespace, plan):
+    """--vae-tiling / --vae-tile-size / --vae-tile-overlap; with --auto and --vae-tiling auto, the plan decides."""
+    from .tiled_decode import DecodeTiling, VaeTiling
+
+    tiling = DecodeTiling(mode=args.vae_tiling, tile_size=args.vae_tile_size, overlap=args.vae_tile_overlap)
+    if plan is not None and tiling.mode is VaeTiling.AUTO:
+        from .planning.layout import decode_tiling
+
+        return decode_tiling(plan) if not tiling.tile_size else DecodeTiling(
+            mode=VaeTiling.ON if plan.vae_tiling else VaeTiling.OFF, tile_size=tiling.tile_size,
+            overlap=tiling.overlap)
+    return tiling
 
 
 def parse_lora(text: str) -> tuple[str, float]:
@@ -227,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "--height/--width/--num-frames; one latent for every image or one per image")
     gen.add_argument("--denoise", type=float, default=1.0,
                      help="with --init-latent: img2img strength in (0, 1] (diffusers' strength; 1.0 = from noise)")
+    v = gen.add_argument_group("VAE decode (like ComfyUI's VAE Decode (Tiled))")
+    v.add_argument("--vae-tiling", default="auto", choices=["off", "on", "auto"],
+                   help="decode in tiles (diffusers' enable_tiling): auto = only when the planner's estimate of a "
+                        "whole decode does not fit a rank's device; with fewer images than ranks, one image's tiles "
+                        "are decoded by all ranks of its group")
+    v.add_argument("--vae-tile-size", type=int, default=0,
+                   help="pixels per tile side (multiple of 8; 0 = the VAE's default, or 512 when auto tiles)")
+    v.add_argument("--vae-tile-overlap", type=int, default=0,
+                   help="pixels neighbouring tiles blend over (multiple of 8, < tile size / 2; 0 = default)")
     add_parallel_args(gen)
     gen.add_argument("--auto", action="store_true",
                      help="let the planner choose dp, ring, ulysses and gpus_per_rank for --world-size devices "

@@ -235,17 +235,34 @@ class RankEngine:
                 "cache": cache_stats if self.config.cache is not CacheMode.NONE else None}
 
     def op_decode(self, message: dict) -> dict:
+        """{"latents", "tiling": DecodeTiling message, "split": bool}. Without split, this rank decodes the images it
+        was sent. With split, every rank of a data-parallel group gets the group's images, and each image's tiles
+        are decoded by all of them (tiled_decode.split_decode); the group's leader answers with the images."""
+        from .tiled_decode import DecodeTiling, apply, split_decode, splittable, uses_tiles
+
         self._require_model()
         latents = message["latents"]
         if latents is None or latents.shape[0] == 0:
             return {"images": None}
         pipe = self.residency.ensure(self.adapter.decode_components)
+        apply(pipe.vae, DecodeTiling.from_message(message.get("tiling")))
+        split = bool(message.get("split")) and self.image_group is not None and splittable(pipe.vae)
+        images = []
         with torch.inference_mode():
             # One image at a time: a batched VAE decode is not bit-identical to the per-image decode of the plain
             # pipeline (convolution blocking depends on the batch), and the seed contract is per image.
-            images = torch.cat([self.adapter.decode(pipe, latents=latents[i:i + 1], device=self.device)
-                                for i in range(latents.shape[0])])
-        return {"images": images}
+            for i in range(latents.shape[0]):
+                z = latents[i:i + 1].to(device=self.device, dtype=pipe.vae.dtype)
+                # NOTE: the same decision on every rank of the group: same latents, same tiling, same VAE class.
+                if split and uses_tiles(pipe.vae, z):
+                    size = self.config.group_size
+                    decoded = split_decode(pipe.vae, z, group=self.image_group, index=self.rank % size, size=size,
+                                           leader=self.rank - self.rank % size)
+                    if decoded is not None:
+                        images.append(self.adapter.to_images(pipe, decoded))
+                elif self.is_leader or not split:
+                    images.append(self.adapter.decode(pipe, latents=z, device=self.device))
+        return {"images": torch.cat(images) if images else None}
 
     def op_unload(self, message: dict) -> dict:
         self.close()

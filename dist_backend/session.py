@@ -26,6 +26,7 @@ from .files import ModelFiles
 from .protocol import Op
 from .split import block_bounds, image_items
 from .status import RankStatus, SidecarState, StatusBoard, failure_from, rank_statuses
+from .tiled_decode import DecodeTiling
 
 if TYPE_CHECKING:
     from .lora import LoraSpec
@@ -92,6 +93,7 @@ class Session:
         self.last_cache_stats: list[dict[str, int] | None] = []  # per rank: {"forwards", "skipped"} of the step cache
         self.last_run: dict[str, Any] = {}  # what the last denoise ran (CLI summary, status route)
         self.last_cp_models: list[list[str]] = []
+        self.last_decode: dict[str, Any] = {}  # the last decode's tiling ("off"/"on") and whether it was split
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
@@ -392,19 +394,44 @@ class Session:
         latents = [lat for r in results if r["latents"] is not None for lat in r["latents"]]
         return fmt.process_out(torch.cat(latents, dim=0))  # the one crossing to ComfyUI's raw space
 
-    def decode(self, latents: torch.Tensor, *, should_cancel: CancelFn | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, tiling: DecodeTiling | None = None,
+               should_cancel: CancelFn | None = None) -> torch.Tensor:
         """A ComfyUI LATENT's samples (raw VAE space, any layout ComfyUI accepts for the family: ours, VAE
-        Encode's, an empty latent's) -> float32 images [B, H, W, 3] in 0..1 (video: B × F frames). Split over all
-        ranks."""
+        Encode's, an empty latent's) -> float32 images [B, H, W, 3] in 0..1 (video: B × F frames).
+
+        Whole images are split over all ranks. With tiling on and fewer images than ranks, the images are split
+        over the data-parallel groups instead and each image's tiles over its group's ranks (tiled_decode); the
+        result is the same tiled decode either way. `tiling` AUTO tiles when the planner's estimate of a whole
+        decode does not fit the device (decode_fits)."""
         from .latent_format import latent_format
+        from .planning import costs
+        from .tiled_decode import VaeTiling
 
         self._require_model()
-        latents = latent_format(self._model_info).to_layout(latents, what="latents")
-        world = self.config.world_size
+        fmt = latent_format(self._model_info)
+        latents = fmt.to_layout(latents, what="latents")
+        tiling = tiling or DecodeTiling()
+        if tiling.mode is VaeTiling.AUTO:
+            size = fmt.pixel_size(latents)
+            whole = decode_fits(self._model_info, config=self.config, height=size["height"], width=size["width"],
+                                frames=size["num_frames"])
+            if whole:
+                tiling = DecodeTiling(mode=VaeTiling.OFF)
+            elif tiling.tile_size:
+                tiling = DecodeTiling(mode=VaeTiling.ON, tile_size=tiling.tile_size, overlap=tiling.overlap)
+            else:  # the tile the estimate assumed
+                tiling = DecodeTiling(mode=VaeTiling.ON, tile_size=costs.VAE_TILE, overlap=costs.VAE_TILE // 4)
+        world, group = self.config.world_size, self.config.group_size
+        split = tiling.mode is VaeTiling.ON and group > 1 and latents.shape[0] < world
         payloads = []
         for rank in range(world):
-            start, stop = block_bounds(latents.shape[0], world, rank)
-            payloads.append({"latents": latents[start:stop] if stop > start else None})  # encode copies it
+            if split:  # every rank of a group gets the group's images
+                start, stop = block_bounds(latents.shape[0], self.config.dp, rank // group)
+            else:
+                start, stop = block_bounds(latents.shape[0], world, rank)
+            payloads.append({"latents": latents[start:stop] if stop > start else None,  # encode copies it
+                             "tiling": tiling.to_message(), "split": split})
+        self.last_decode = {"tiling": tiling.mode.value, "split": split}
         with self._lock:
             sidecar = self.sidecar
             t0 = time.monotonic()
@@ -418,7 +445,7 @@ class Session:
                  seed: int, steps: int, guidance: float, height: int | None = None, width: int | None = None,
                  images_per_prompt: int = 1, num_frames: int = 1, latent: torch.Tensor | None = None,
                  denoise: float = 1.0, loras: Sequence[tuple[str | Path, float]] = (),
-                 true_cfg_scale: float = 1.0, guidance_2: float | None = None,
+                 true_cfg_scale: float = 1.0, guidance_2: float | None = None, tiling: DecodeTiling | None = None,
                  on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All four stages, with `loras` ((file, strength) pairs) applied. Returns (latents, images); `latent` and
@@ -453,7 +480,7 @@ class Session:
                                images_per_prompt=images_per_prompt, num_frames=num_frames, latent=latent,
                                denoise=denoise, true_cfg_scale=true_cfg_scale, guidance_2=guidance_2,
                                on_progress=on_progress, should_cancel=should_cancel)
-        images = self.decode(latents, should_cancel=should_cancel)
+        images = self.decode(latents, tiling=tiling, should_cancel=should_cancel)
         return latents, images
 
     # -- checks --------------------------------------------------------------------------------------------------
@@ -606,3 +633,27 @@ def shutdown_all(*, reason: str = "the sidecar was released") -> None:
         if _current is not None:
             _current.close(reason=reason)
         _current = None
+
+
+def decode_fits(model_info: dict, *, config: SessionConfig, height: int, width: int, frames: int) -> bool:
+    """Whether one whole (untiled) VAE decode of this size fits one rank's device, by the planner's estimate and
+    rule (planning.costs.vae_decode_bytes, decode_needs_tiles): CUDA: the device's memory; CPU: this machine's RAM
+    shared by the ranks (as `generate --auto` plans CPU ranks)."""
+    import os
+
+    from .pipelines import Family
+    from .planning import costs
+    from .planning.model_facts import vae_geometry
+
+    _, temporal, channels = vae_geometry(Family(model_info["family"]), model_info["components"]["vae"])
+    element = 4 if config.dtype.value == "float32" else 2
+    need = costs.vae_decode_bytes(channels=channels, height=height, width=width, frames=frames, temporal=temporal,
+                                  tile=None, element=element)
+    if config.device.value == "cuda":
+        from .planning.hardware import detect_gpus
+
+        memory = detect_gpus().memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // config.world_size
+    # The VAE's own weights (≤ 0.3 GB for these families) are within the reserve's slack; the host reads no weights.
+    return not costs.decode_needs_tiles(whole=need, memory=memory, vae_weights=0)

@@ -7,7 +7,9 @@ from .common import CATEGORY, PIPELINE, comfy_should_cancel, run_cancellable
 
 class DecodeVAE:
     DESCRIPTION = ("Decodes any LATENT of this model's family (ParallelDenoise's, ComfyUI's VAE Encode's, a loaded one) "
-                   "with the pipeline's VAE on the ranks (batch split over them). Video: frames in order.")
+                   "with the pipeline's VAE on the ranks (batch split over them). Video: frames in order. Like "
+                   "ComfyUI's VAE Decode it falls back to tiles when a whole decode would not fit the GPU (the "
+                   "planner's estimate); Decode VAE (Tiled) chooses the tiles.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
@@ -22,6 +24,10 @@ class DecodeVAE:
         }
 
     def decode(self, pipeline, samples):
+        from ..dist_backend.tiled_decode import DecodeTiling, VaeTiling
+
         session = pipeline.session()
-        images = run_cancellable(lambda: session.decode(samples["samples"], should_cancel=comfy_should_cancel()))
+        tiling = DecodeTiling(mode=VaeTiling.AUTO)
+        images = run_cancellable(lambda: session.decode(samples["samples"], tiling=tiling,
+                                                        should_cancel=comfy_should_cancel()))
         return (images,)

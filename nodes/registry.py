@@ -7,6 +7,7 @@ _routes_added = False
 
 def NODE_CLASS_MAPPINGS():
     from .decode_vae import DecodeVAE
+    from .decode_vae_tiled import DecodeVAETiled
     from .encode_on_gpus import EncodeOnGPUs
     from .load_files import LoadFiles
     from .load_sharded import LoadSharded
@@ -18,14 +19,15 @@ def NODE_CLASS_MAPPINGS():
     # The type ids are part of every saved workflow: never rename them.
     return {"LoadSharded": LoadSharded, "EncodeOnGPUs": EncodeOnGPUs, "ParallelDenoise": ParallelDenoise,
             "DecodeVAE": DecodeVAE, "DistDiffReleaseGPUs": ReleaseGPUs, "DistDiffLoRA": DistDiffLoRA,
-            "DistDiffLoadFiles": LoadFiles}
+            "DistDiffLoadFiles": LoadFiles, "DistDiffDecodeVAETiled": DecodeVAETiled}
 
 
 def NODE_DISPLAY_NAME_MAPPINGS():
     return {"LoadSharded": "Load Sharded (DistDiff)", "EncodeOnGPUs": "Encode on GPUs (DistDiff)",
             "ParallelDenoise": "Parallel Denoise (DistDiff)", "DecodeVAE": "Decode VAE (DistDiff)",
             "DistDiffReleaseGPUs": "Release GPUs (DistDiff)", "DistDiffLoRA": "LoRA (DistDiff)",
-            "DistDiffLoadFiles": "Load Sharded from Files (DistDiff)"}
+            "DistDiffLoadFiles": "Load Sharded from Files (DistDiff)",
+            "DistDiffDecodeVAETiled": "Decode VAE (Tiled) (DistDiff)"}
 
 
 def _add_routes() -> None:

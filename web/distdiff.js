@@ -9,7 +9,7 @@ import { api } from "../../scripts/api.js";
 const EVENT = "distdiff.status";
 const TAB_ID = "distdiff-status";
 const DISTDIFF_NODES = new Set(["LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs",
-                                "DistDiffLoRA", "DistDiffLoadFiles"]);
+                                "DistDiffLoRA", "DistDiffLoadFiles", "DistDiffDecodeVAETiled"]);
 const STYLE = `
 .distdiff-panel { font: 12px/1.4 sans-serif; color: var(--fg-color, #ddd); padding: 8px; overflow: auto; }
 .distdiff-panel h3 { margin: 4px 0 8px; font-size: 14px; }

@@ -86,6 +86,11 @@ class FamilyAdapter(abc.ABC):
         CPU, [B, H, W, 3] (video: [B*F, H, W, 3], frames of each video consecutive)."""
 
     @abc.abstractmethod
+    def to_images(self, pipe, decoded: torch.Tensor) -> torch.Tensor:
+        """The VAE's output (`vae.decode(...)[0]`, e.g. assembled from tiles decoded on several ranks) -> images as
+        `decode` returns them: the second half of `decode`."""
+
+    @abc.abstractmethod
     def reference(self, pipe, *, prompt: str, negative_prompt: str | None, request: ImageRequest,
                   init_latents: torch.Tensor | None = None) -> torch.Tensor:
         """The plain diffusers call of the seed contract, in this process:

@@ -127,8 +127,10 @@ class FluxAdapter(PackedImageAdapter):
     def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
         # FluxPipeline.__call__ after its loop, from the raw VAE space (latent_format.process_out already done).
         vae = pipe.vae
-        image = vae.decode(latents.to(device=device, dtype=vae.dtype), return_dict=False)[0]
-        image = pipe.image_processor.postprocess(image, output_type="pt")
+        return self.to_images(pipe, vae.decode(latents.to(device=device, dtype=vae.dtype), return_dict=False)[0])
+
+    def to_images(self, pipe, decoded: torch.Tensor) -> torch.Tensor:
+        image = pipe.image_processor.postprocess(decoded, output_type="pt")
         return image.permute(0, 2, 3, 1).float().cpu()
 
     # -- planning (json configs only) ---------------------------------------------------------------------

@@ -119,8 +119,10 @@ class WanAdapter(FamilyAdapter):
     def decode(self, pipe, *, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
         # WanPipeline.__call__ after its loop, from the raw VAE space (latent_format.process_out already done).
         vae = pipe.vae
-        video = vae.decode(latents.to(device=device, dtype=vae.dtype), return_dict=False)[0]
-        frames = pipe.video_processor.postprocess_video(video, output_type="pt")  # [B, F, 3, H, W]
+        return self.to_images(pipe, vae.decode(latents.to(device=device, dtype=vae.dtype), return_dict=False)[0])
+
+    def to_images(self, pipe, decoded: torch.Tensor) -> torch.Tensor:
+        frames = pipe.video_processor.postprocess_video(decoded, output_type="pt")  # [B, F, 3, H, W]
         b, f, c, h, w = frames.shape
         return frames.permute(0, 1, 3, 4, 2).reshape(b * f, h, w, c).float().cpu()
 

@@ -66,11 +66,16 @@ Q/K/V, attention output, the MLP's expanded hidden (4×) and its activation, con
 block shapes, rounded up."""
 
 VAE_ACTIVATION_WIDTHS = 10
-"""Live bytes per output pixel of a VAE decode in units of the decoder's full-resolution channels × element size
-(the up-blocks at full size hold a few feature maps at once, plus GroupNorm's temporaries). Estimate."""
+"""Live bytes per output pixel (per frame in flight) of a VAE decode in units of the decoder's full-resolution
+channels × element size (the up-blocks at full size hold a few feature maps at once, plus GroupNorm's temporaries).
+Checked against `bench/vae_decode_memory.py` (docs/PERFORMANCE.md, "VAE decode memory": peak RSS of the real
+FLUX.1 and Wan 2.1 VAE architectures decoding on CPU in float32): the growth from 128² to 256² is 4.3 kB per pixel
+(Flux, 128 channels) and 5.6 kB per pixel-frame (Wan, 192 channels) in float32, i.e. 8.4 and 7.3 widths, with
+fixed overheads on top at small sizes; 10 keeps the planner on the safe side of both."""
 
 VAE_TILE = 512
-"""Pixels per side of a tile when the planner asks for diffusers' `enable_tiling` (its default tile for images)."""
+"""Pixels per side of a tile when the planner (or `vae_tiling` auto) tiles a decode; tiles overlap by a quarter,
+diffusers' default ratio. Between diffusers' defaults for Wan (256) and Flux (its sample_size, 1024)."""
 
 LOAD_BYTES_PER_S = 5e9
 """Weights moved from the page cache to a GPU per second when staged offload reloads a component on every call.
@@ -94,6 +99,21 @@ SPEEDUP_WARNING = 1.1
 
 NEAR_TIE = 0.03
 """Candidates within this fraction of the fastest count as equally fast; the simplest of them is chosen."""
+
+
+def vae_decode_bytes(*, channels: int, height: int, width: int, frames: int, temporal: int,
+                     tile: int | None, element: int = 2) -> int:
+    """Activation bytes of one VAE decode of a height × width output (`frames` frames; 1 for images), whole or in
+    tiles of `tile` pixels per side. A causal video VAE decodes one latent frame (`temporal` output frames) at a
+    time, so at most that many frames are in flight; tiles are decoded one after another, so one tile's area counts."""
+    in_flight = min(frames, temporal)
+    area = min(height, tile) * min(width, tile) if tile else height * width
+    return int(in_flight * area * channels * element * VAE_ACTIVATION_WIDTHS)
+
+
+def decode_needs_tiles(*, whole: int, memory: int, vae_weights: int) -> bool:
+    """The planner's rule: tile when a whole decode's activations do not fit one GPU beside the VAE's weights."""
+    return whole > memory - RESERVE_BYTES - vae_weights
 
 
 def typical_gpu(memory_bytes: int) -> tuple[str, float]:

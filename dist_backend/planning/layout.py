@@ -127,6 +127,17 @@ def strategy_name(layout) -> str:
     return "×".join(parts) or "single"
 
 
+def decode_tiling(plan: Plan):
+    """The `tiled_decode.DecodeTiling` that runs `plan`'s decode: tiles of `costs.VAE_TILE` pixels (the size its
+    memory estimate assumed) blending over a quarter of a tile (diffusers' default ratio), or none."""
+    from ..tiled_decode import DecodeTiling, VaeTiling
+    from .costs import VAE_TILE
+
+    if not plan.vae_tiling:
+        return DecodeTiling(mode=VaeTiling.OFF)
+    return DecodeTiling(mode=VaeTiling.ON, tile_size=VAE_TILE, overlap=VAE_TILE // 4)
+
+
 def session_kwargs(plan: Plan, *, device: str = "cuda", dtype: str = "bfloat16",
                    config_fields: set[str] | None = None) -> dict[str, object]:
     """Keyword arguments for `SessionConfig` that run `plan` (on CUDA in bf16 unless told otherwise). Settings the

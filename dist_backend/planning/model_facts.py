@@ -173,19 +173,13 @@ def facts_from_configs(*, name: str, model_index: Mapping[str, Any], configs: Ma
         shape = TransformerShape(kind="dit_cross", layers=int(t["num_layers"]), heads=int(t["num_attention_heads"]),
                                  head_dim=int(t["attention_head_dim"]), mlp_hidden=int(t["ffn_dim"]))
         patch = tuple(int(p) for p in t.get("patch_size", (1, 2, 2)))
-        scale, temporal = int(vae.get("scale_factor_spatial", 8)), int(vae.get("scale_factor_temporal", 4))
-        channels = int(vae.get("base_dim", 96)) * 2  # the last up-stage doubles base_dim before the output conv
     else:
         layers = int(t["num_layers"]) + int(t.get("num_single_layers", 0))
         heads, head_dim = int(t["num_attention_heads"]), int(t["attention_head_dim"])
         shape = TransformerShape(kind="mmdit", layers=layers, heads=heads, head_dim=head_dim,
                                  mlp_hidden=4 * heads * head_dim)
         patch = (1, 2, 2)  # 2×2 latent packing
-        if family is Family.QWENIMAGE:
-            scale, temporal, channels = 2 ** len(vae["temperal_downsample"]), 1, int(vae.get("base_dim", 96)) * 2
-        else:
-            scale, temporal = 2 ** (len(vae["block_out_channels"]) - 1), 1
-            channels = int(vae["block_out_channels"][0])
+    scale, temporal, channels = vae_geometry(family, vae)
     text_tokens, tokenizer = _TEXT_TOKENS[family]
     limit = (tokenizer_configs or {}).get(tokenizer, {}).get("model_max_length")
     if text_tokens is not None and isinstance(limit, int) and 0 < limit < text_tokens:
@@ -198,6 +192,17 @@ def facts_from_configs(*, name: str, model_index: Mapping[str, Any], configs: Ma
         cp_supported=transformer_class in CP_MODEL_CLASSES, vae_scale=scale, vae_temporal=temporal,
         patch=patch, vae_channels=channels, configs={k: dict(v) for k, v in configs.items()},
     )
+
+
+def vae_geometry(family: Family, vae: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(spatial scale, frames per latent frame, decoder channels at full resolution) from the VAE's config."""
+    if family is Family.WAN:
+        # The last up-stage doubles base_dim before the output conv.
+        return int(vae.get("scale_factor_spatial", 8)), int(vae.get("scale_factor_temporal", 4)), \
+            int(vae.get("base_dim", 96)) * 2
+    if family is Family.QWENIMAGE:
+        return 2 ** len(vae["temperal_downsample"]), 1, int(vae.get("base_dim", 96)) * 2
+    return 2 ** (len(vae["block_out_channels"]) - 1), 1, int(vae["block_out_channels"][0])
 
 
 def fp8_bytes(model) -> int:

@@ -138,10 +138,10 @@ class _Context(Explainer):
         return int(tokens * self.model.shape.hidden * 2 * costs.DENOISE_ACTIVATION_WIDTHS)
 
     def decode_activations(self, *, tiled: bool) -> int:
-        r = self.request
-        frames = min(r.frames, self.model.vae_temporal) if self.model.is_video else 1
-        area = min(r.height, costs.VAE_TILE) * min(r.width, costs.VAE_TILE) if tiled else r.height * r.width
-        return int(frames * area * self.model.vae_channels * 2 * costs.VAE_ACTIVATION_WIDTHS)
+        r, m = self.request, self.model
+        return costs.vae_decode_bytes(channels=m.vae_channels, height=r.height, width=r.width,
+                                      frames=r.frames if m.is_video else 1, temporal=m.vae_temporal,
+                                      tile=costs.VAE_TILE if tiled else None)
 
     def fit(self, lay: Candidate) -> tuple[int, bool] | str:
         """(bytes on the fullest GPU, VAE tiling) when the layout fits, else the arithmetic of why not."""
@@ -151,7 +151,7 @@ class _Context(Explainer):
         room = self.gpus.memory - costs.RESERVE_BYTES
         act = {"encode": 0, "denoise": self.denoise_activations(lay), "decode": self.decode_activations(tiled=False)}
         tiling = False
-        if act["decode"] > room - sizes.get("vae", 0):
+        if costs.decode_needs_tiles(whole=act["decode"], memory=self.gpus.memory, vae_weights=sizes.get("vae", 0)):
             tiling, act["decode"] = True, self.decode_activations(tiled=True)
         # Activations live next to the weights of their stage; resident, every stage's weights stay, so the
         # largest activation must fit beside all of them.

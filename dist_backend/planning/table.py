@@ -71,7 +71,39 @@ def render(models_dir: str | Path, *, facts: dict | None = None) -> str:
             lines.append(f"| {count} | {memory} | {link} | {p.strategy} | {p.offload.value} | {p.weights.value} | "
                          f"{p.memory_used / GB:.1f} | {p.speedup:.2f}× | {_short(note)} |")
         lines.append("")
+    lines += _decode_section(models_dir, facts=facts)
     return "\n".join(lines)
+
+
+LARGE_OUTPUTS = (  # (folder, height, width, frames): each model at its table size and at a larger output
+    ("flux1-dev", 1024, 1024, 1), ("flux1-dev", 2048, 2048, 1), ("qwen-image", 1328, 1328, 1),
+    ("qwen-image", 2656, 2656, 1), ("wan2.1-t2v-14b", 480, 832, 81), ("wan2.1-t2v-14b", 720, 1280, 81),
+    ("wan2.1-t2v-14b", 1088, 1920, 81),
+)
+
+
+def _decode_section(models_dir: str | Path, *, facts: dict | None) -> list[str]:
+    from .costs import VAE_TILE, decode_needs_tiles, vae_decode_bytes
+    from .model_facts import read_model_facts
+
+    lines = ["## VAE decode of large outputs", "",
+             f"Activations of one decode (`costs.vae_decode_bytes`, bf16), whole and in tiles of {VAE_TILE}², and",
+             "whether the planner tiles it on a GPU of each size: a whole decode that does not fit beside the VAE's",
+             "weights and the reserve is tiled (`--vae-tiling auto` uses the same rule). Tiles of one output are",
+             "decoded by all ranks of its group when there are fewer outputs than ranks.", "",
+             "| model | output | whole decode GB | tiled GB | " + " | ".join(f"{m} GB" for m in MEMORIES) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in MEMORIES) + " |"]
+    for folder, height, width, frames in LARGE_OUTPUTS:
+        model = (facts or {}).get(folder) or read_model_facts(Path(models_dir) / folder)
+        size = dict(channels=model.vae_channels, height=height, width=width, frames=frames,
+                    temporal=model.vae_temporal)
+        whole, tiled = vae_decode_bytes(**size, tile=None), vae_decode_bytes(**size, tile=VAE_TILE)
+        tiles = ["tiles" if decode_needs_tiles(whole=whole, memory=m * GB, vae_weights=model.weights.get("vae", 0))
+                 else "whole" for m in MEMORIES]
+        output = f"{width}×{height}" + (f" × {frames} frames" if frames > 1 else "")
+        lines.append(f"| {folder} | {output} | {whole / GB:.1f} | {tiled / GB:.1f} | " + " | ".join(tiles) + " |")
+    lines.append("")
+    return lines
 
 
 def _short(text: str, limit: int = 160) -> str:

@@ -32,7 +32,7 @@ API_FILES = [EXAMPLES / f"{name}.api.json" for name in ("data_parallel", "device
 TINY_NAME = "distdiff-tiny-flux"
 pytestmark = pytest.mark.keeps_ranks  # the module's ComfyUI keeps its sidecar up between tests, on purpose
 NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs", "DistDiffLoRA",
-              "DistDiffLoadFiles")
+              "DistDiffLoadFiles", "DistDiffDecodeVAETiled")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,8 @@ def lora_args(prompt: dict, loras_root: Path) -> list[str]:
     return [arg for item in chain for arg in ("--lora", item)]
 
 
-def cli_pixels(prompt: dict, model_dir: Path, out: Path, loras_root: Path) -> list[np.ndarray]:
+def cli_pixels(prompt: dict, model_dir: Path, out: Path, loras_root: Path,
+               extra: tuple[str, ...] = ()) -> list[np.ndarray]:
     """The CLI run with the workflow's settings (the contract: the node graph and the CLI agree), as ComfyUI's
     SaveImage would write it. SaveImage truncates (uint8(255 × x)) where the CLI's PNGs round like diffusers
     (round(255 × x)), so the comparison uses the CLI's float images, saved next to its PNGs."""
@@ -110,6 +111,7 @@ def cli_pixels(prompt: dict, model_dir: Path, out: Path, loras_root: Path) -> li
         cmd += ["--negative-prompt", negative]
     for p in prompts:
         cmd += ["--prompt", p]
+    cmd += extra
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -152,6 +154,22 @@ def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, loras_roo
     for g, w in zip(got, want):
         assert g.shape == w.shape == (64, 64, 3)
         assert np.array_equal(g, w), f"{api_file.name}: ComfyUI PNG differs from the CLI PNG"
+
+
+def test_tiled_decode_node_matches_the_cli(server, tiny_dirs, loras_root, tmp_path):
+    """Decode VAE (Tiled) on 2 Ulysses ranks, one 128×128 image in 3 × 3 tiles of 64 (split over both ranks) equals
+    the CLI's tiled decode with the same tiles (which tests/dist/test_split_decode.py checks against diffusers')."""
+    prompt = load("ulysses.api.json")
+    prompt["3"]["inputs"].update(width=128, height=128, steps=2)
+    prompt["4"] = {"class_type": "DistDiffDecodeVAETiled",
+                   "inputs": {"pipeline": ["1", 0], "samples": ["3", 0], "tile_size": 64, "overlap": 16}}
+    prompt_id, events = server.run(prompt, timeout=240)
+    assert "execution_error" not in [e["type"] for e in events], events
+    got = output_pixels(server, prompt_id)
+    want = cli_pixels(prompt, tiny_dirs["flux"], tmp_path, loras_root,
+                      extra=("--vae-tiling", "on", "--vae-tile-size", "64", "--vae-tile-overlap", "16"))
+    assert len(got) == len(want) == 1 and got[0].shape == (128, 128, 3)
+    assert np.array_equal(got[0], want[0]), "ComfyUI's tiled decode PNG differs from the CLI's"
 
 
 _CLI_PIXELS: dict[str, list[np.ndarray]] = {}

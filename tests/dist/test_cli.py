@@ -98,6 +98,7 @@ def test_generate_auto_chooses_a_valid_plan_and_equals_one_process(tiny_dirs, ti
     assert plan["dp"] * plan["cfg"] * plan["ring"] * plan["ulysses"] * plan["gpus_per_rank"] == 2
     assert (plan["dp"], plan["ulysses"]) == (1, 2) and summary["strategy"] == plan["strategy"] == "ulysses2"
     assert any("4 heads divide by 2" in r for r in plan["reasons"])
+    assert plan["vae_tiling"] is False and summary["decode"] == {"tiling": "off", "split": False}  # the plan's choice
     latents = torch.load(tmp_path / "tensors.pt")["latents"]
     diff = float((latents - reference(tiny_pipes, "flux", ["a cat"], seed=5)).abs().max())
     print(f"\n[measured] CLI --auto (ulysses2), tiny flux: max abs diff vs one process = {diff:.3e}")

@@ -216,3 +216,27 @@ def test_cli_plan_prints_the_plan_or_the_refusal(capsys):
 def test_docs_plans_table_is_up_to_date(facts):
     assert (ROOT / "docs" / "PLANS.md").read_text(encoding="utf-8") == render(MODELS_DIR, facts=facts), (
         "docs/PLANS.md is stale: python -m dist_backend.planning.table --models tests/data/models --out docs/PLANS.md")
+
+
+def test_vae_tiling_when_a_whole_decode_does_not_fit(facts):
+    """Wan 2.1 14B, 81 frames: at 1920×1088 a whole decode needs 4 frames in flight × 1920 × 1088 × 192 channels ×
+    2 bytes × 10 widths = 32.1 GB of activations, more than a 24 GB GPU: the plan tiles, says why, and the decode
+    runs in the tiles its estimate assumed. At 1280×720 (14.2 GB) the whole decode fits next to the VAE."""
+    from dist_backend.planning.layout import decode_tiling
+    from dist_backend.tiled_decode import VaeTiling
+
+    wan = facts["wan2.1-t2v-14b"]
+    gpus = Gpus(count=8, memory=24 * GB, interconnect="nvlink")
+    big = plan(model=wan, gpus=gpus, request=Request(height=1088, width=1920, frames=81, guidance=5.0))
+    assert big.vae_tiling
+    assert "VAE tiling: decoding a whole 1920×1088 output would need 32.1 GB of activations; tiles of 512² need " \
+           "4.03 GB." in big.reasons
+    assert "VAE tiling" in big.describe().splitlines()[0]
+    tiling = decode_tiling(big)
+    assert (tiling.mode, tiling.tile_size, tiling.overlap) == (VaeTiling.ON, costs.VAE_TILE, costs.VAE_TILE // 4)
+    small = plan(model=wan, gpus=Gpus(count=2, memory=24 * GB), request=Request(height=720, width=1280, frames=81,
+                                                                                guidance=5.0))
+    assert not small.vae_tiling and not any("VAE tiling" in r for r in small.reasons)
+    assert decode_tiling(small).mode is VaeTiling.OFF
+    assert costs.vae_decode_bytes(channels=wan.vae_channels, height=720, width=1280, frames=81,
+                                  temporal=wan.vae_temporal, tile=None) == 4 * 1280 * 720 * 192 * 2 * 10
