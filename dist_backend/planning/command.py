@@ -103,10 +103,9 @@ def auto_session_config(args: argparse.Namespace):
     `--world-size` devices (CUDA: GPUs of this machine; CPU: rank processes). A degree given with a value other
     than its default counts as set by hand; the rest (device, dtype, attention backend, threads) comes from the
     flags as without --auto."""
-    import os
-
+    from ..cluster import parse_cluster
     from ..config import SessionConfig
-    from .hardware import Gpus, detect_gpus
+    from .auto import devices
     from .model_facts import read_model_facts
     from .planner import Hand, Request, plan, session_kwargs
 
@@ -118,19 +117,16 @@ def auto_session_config(args: argparse.Namespace):
                               ("gpus_per_rank", args.gpus_per_rank)) if v not in (0, 1)}
     if args.offload != "resident":
         hand["offload"] = args.offload
-    if args.device == "cuda":
-        found = detect_gpus()
-        gpus = Gpus(count=args.world_size, memory=found.memory, interconnect=found.interconnect, flops=found.flops,
-                    name=found.name)
-    else:
-        # CPU ranks: the cost model is the GPUs' and says nothing true about CPU speed; what the plan gives here
-        # is a layout the engine can run. Each rank process counts as one device with its share of the RAM.
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        gpus = Gpus(count=args.world_size, memory=ram // args.world_size, name="CPU rank", flops=1e12)
+    if args.device != "cuda":
         hand.update(gpus_per_rank=1, weights="bf16")
+    # With --cluster the ranks of each machine are its devices (the SPEC counts ranks; CP stays inside one).
+    per_node = tuple(n.nproc for n in parse_cluster(args.cluster).nodes) if args.cluster else ()
+    if per_node:
+        hand.setdefault("gpus_per_rank", 1)  # the SPEC counts ranks: one device each
+    gpus = devices(device=args.device, count=args.world_size, per_node=per_node)
     request = Request(height=args.height, width=args.width, frames=args.num_frames,
                       images=len(args.prompt) * args.images_per_prompt, guidance=args.guidance,
-                      negative_prompt=args.negative_prompt, steps=args.steps)
+                      negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps)
     chosen = plan(model=read_model_facts(args.model), gpus=gpus, request=request, hand=Hand(**hand))
     kwargs = session_kwargs(chosen, device=args.device, dtype=args.dtype)
     config = SessionConfig(**kwargs, attention_backend=args.attention_backend, threads_per_rank=args.threads_per_rank,

@@ -181,7 +181,7 @@ def test_clusters_keep_context_parallel_inside_a_machine_and_say_so(facts):
     # device_map cannot put one rank's GPUs on two machines.
     with pytest.raises(ConfigError, match="device_map needs each rank's 2 GPUs on one machine"):
         plan(model=flux, gpus=Gpus(count=2, per_node=(1, 1), **h100), request=Request(), hand=Hand(gpus_per_rank=2))
-    with pytest.raises(ConfigError, match="3 \+ 2 = 5, but gpus is 4"):
+    with pytest.raises(ConfigError, match=r"3 \+ 2 = 5, but gpus is 4"):
         Gpus(count=4, per_node=(3, 2), **h100)
     with pytest.raises(ConfigError, match="do not spread evenly over 3 machines"):
         Gpus.on_machines(nodes=3, count=4, **h100)
