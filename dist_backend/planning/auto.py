@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ..errors import ConfigError, DistDiffError
+from ..errors import ConfigError
 from ..pipelines import Family
 from .hardware import Gpus
 from .layout import Hand, Plan, Request
@@ -121,18 +121,23 @@ def plan_loader(*, facts: Callable[[], object], strategy: Strategy | str, device
                 f"against this layout{cpu_note}.")
         return LoaderPlan(strategy=strategy, plan=chosen, text=f"{head}\n{chosen.describe()}", gpus=gpus, hand=hand,
                           request=request, facts=model)
-    model = gpus = None
-    request = Request()
+    # Explaining a manual layout must never stop its load: whatever fails here becomes a line of the text.
     try:
         model = facts()
-        request = LOAD_REQUESTS[model.family]
+    except Exception as exc:  # noqa: BLE001 - any reader error of any model folder
+        return LoaderPlan(strategy=strategy, plan=None, text=f"strategy manual: the layout as set{cpu_note}.\n"
+                          f"  ! the planner could not read this model ({type(exc).__name__}: {exc})", gpus=None,
+                          hand=hand, request=Request(), facts=None)
+    request = LOAD_REQUESTS[model.family]
+    gpus = None
+    try:
         gpus = devices(device=device, count=count, per_node=per_node)
         chosen = plan(model=model, gpus=gpus, request=request, hand=hand)
-    except Exception as exc:  # noqa: BLE001 - explaining a manual layout must never stop its load
-        head = "strategy manual: the layout as set" + cpu_note + "."
-        why = "would not run it" if isinstance(exc, DistDiffError) else "could not read this model"
-        return LoaderPlan(strategy=strategy, plan=None, text=f"{head}\n  ! the planner {why}: {exc}",
-                          gpus=gpus, hand=hand, request=request, facts=model)
+    except Exception as exc:  # noqa: BLE001 - the planner's refusal (DistDiffError) or a gap in its model
+        return LoaderPlan(strategy=strategy, plan=None, text=f"strategy manual: the layout as set{cpu_note}.\n"
+                          f"  ! the planner would not run it for {model.name}'s usual call "
+                          f"({describe_request(request, video=model.is_video)}): {exc}", gpus=gpus, hand=hand,
+                          request=request, facts=model)
     head = (f"strategy manual: the layout as set, explained for {model.name}'s usual call "
             f"({describe_request(request, video=model.is_video)}){cpu_note}.")
     return LoaderPlan(strategy=strategy, plan=chosen, text=f"{head}\n{chosen.describe()}", gpus=gpus, hand=hand,
