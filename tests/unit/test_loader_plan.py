@@ -105,3 +105,20 @@ def test_a_start_latent_sets_the_size_the_request_is_checked_at(pack, tiny_dirs)
                                 negative_prompt=None, true_cfg=1.0, steps=4, latent_shape=(1, 16, 3, 6, 10))
     assert (request.height, request.width) == (6 * facts.vae_scale, 10 * facts.vae_scale)
     assert request.frames == 2 * facts.vae_temporal + 1
+
+
+def test_generate_auto_plans_flux_true_cfg_and_the_machines_of_a_cluster(tiny_dirs):
+    from dist_backend.cli import build_parser
+    from dist_backend.planning.command import auto_session_config
+
+    base = ["generate", "--auto", "--model", str(tiny_dirs["flux"]), "--prompt", "a cat", "--out", "unused",
+            "--height", "64", "--width", "64", "--world-size", "2"]
+    config, chosen = auto_session_config(build_parser().parse_args(
+        [*base, "--true-cfg", "3", "--negative-prompt", "blurry"]))
+    assert (config.cfg, config.world_size, chosen.strategy) == (2, 2, "cfg2")
+    config, chosen = auto_session_config(build_parser().parse_args(base))
+    assert config.cfg == 1 and any("true_cfg 1" in r for r in chosen.reasons)
+    # One rank on each of two machines: the cluster's machines reach the planner (and its reasons).
+    _, chosen = auto_session_config(build_parser().parse_args(
+        [*base, "--cluster", "local:1, 10.0.0.7:1", "--listen", "10.0.0.1:29600", "--token-file", "t"]))
+    assert any(r.startswith("Machines: 2 (1 + 1 GPUs)") for r in chosen.reasons)
