@@ -95,11 +95,12 @@ def session_config(settings: dict):
                          cache=s["cache"], cache_threshold=s["cache_threshold"])
 
 
-def planned_config(settings: dict, *, facts, weights: str = "bf16"):
+def planned_config(settings: dict, *, facts, weights: str = "bf16", per_node: tuple[int, ...] = ()):
     """(SessionConfig, LoaderPlan) of the parallel settings: with strategy auto the planner fills what was left
     at its default; with manual the settings are used as given and the plan explains them. `facts` is a
     callable giving the model's ModelFacts (read only when needed); `weights` is how the transformer is stored
-    ("bf16", or "fp8" for single files loaded with weights fp8)."""
+    ("bf16", or "fp8" for single files loaded with weights fp8); `per_node` the devices of each machine when the
+    ranks span several (a cluster's ranks per node, in rank order)."""
     from ..dist_backend.config import SessionConfig
     from ..dist_backend.planning.auto import Strategy, plan_loader
     from ..dist_backend.planning.layout import Hand, session_kwargs
@@ -112,13 +113,15 @@ def planned_config(settings: dict, *, facts, weights: str = "bf16"):
                     gpus_per_rank=config.gpus_per_rank, offload=config.offload, weights=weights)
         count = config.world_size * (config.gpus_per_rank if config.device.value == "cuda" else 1)
         return config, plan_loader(facts=facts, strategy=strategy, device=config.device.value, count=count,
-                                   hand=hand)
+                                   hand=hand, per_node=per_node)
     defaults = {"dp": 0, "cfg": 1, "ring": 1, "ulysses": 1, "gpus_per_rank": 1, "offload": "resident"}
     hand = {k: s[k] for k, default in defaults.items() if s[k] != default}
     if s["device"] != "cuda":
         hand["gpus_per_rank"] = 1  # CPU ranks have no device_map sharding
+    if per_node:
+        hand["gpus_per_rank"] = 1  # a cluster counts ranks per machine: one device each
     loader_plan = plan_loader(facts=facts, strategy=strategy, device=s["device"], count=s["ranks"],
-                              hand=Hand(**hand, weights=weights))
+                              hand=Hand(**hand, weights=weights), per_node=per_node)
     kwargs = session_kwargs(loader_plan.plan, device=s["device"], dtype=s["dtype"])
     if loader_plan.plan.gpus_per_rank > 1 and s["device_map"] != "none":
         kwargs["device_map"] = s["device_map"]

@@ -172,6 +172,9 @@ def test_status_panel_follows_a_run_a_killed_rank_restart_and_release(editor, tm
     page.wait_for_function(f"(old) => ({own})([...document.querySelectorAll('{PANEL} .distdiff-rank')])"
                            ".every((k, i) => k > old[i])", arg=before, timeout=30_000)
     assert page.text_content(f"{PANEL} .distdiff-strategy").startswith("dp2")
+    # The loader's plan (strategy manual: the degrees as set, explained), folded under one line.
+    assert page.text_content(f"{PANEL} .distdiff-plan summary").startswith("plan (manual): dp2")
+    assert "Data parallel 2 (set by hand)" in page.text_content(f"{PANEL} .distdiff-plan ul")
     shot = tmp_path / "panel.png"
     page.locator(PANEL).screenshot(path=str(shot))
     assert shot.stat().st_size > 5_000

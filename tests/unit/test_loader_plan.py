@@ -50,6 +50,11 @@ def test_auto_chooses_the_degrees_left_at_their_default_and_keeps_the_ones_set(p
     config, loaded = planned(pack, tiny_dirs["flux"], strategy="auto", dp=2)
     assert (config.dp, config.ulysses) == (2, 1) and "dp" in loaded.plan.hand_set
     assert any(r.startswith("Data parallel 2 (set by hand)") for r in loaded.plan.reasons)
+    # A cluster's ranks per machine reach the planner (h-cluster's input passes them as per_node).
+    facts = pack["dist_backend.planning.model_facts"].read_model_facts
+    _, loaded = pack["nodes.parallel_inputs"].planned_config(dict(BASE, strategy="auto", ranks=4),
+                                                             facts=lambda: facts(tiny_dirs["flux"]), per_node=(2, 2))
+    assert loaded.plan.world_size == 4 and any(r.startswith("Machines: 2 (2 + 2 GPUs)") for r in loaded.plan.reasons)
     # Wan's usual call uses CFG: the planner gives its two branches their own ranks.
     config, loaded = planned(pack, tiny_dirs["wan"], strategy="auto")
     assert (config.cfg, config.world_size) == (2, 2) and "832×480×81 frames" in loaded.text.splitlines()[0]
