@@ -15,7 +15,8 @@ from .model_facts import VARIABLE_TEXT_TOKENS, ModelFacts, padded
 
 class Explainer:
     """Sentences about a costed candidate. Mixed into the planner's per-call context, which provides the facts
-    below and `weights(layout)`, `denoise_activations(layout)`, `decode_activations(tiled=...)`, `lengths()`."""
+    below and `weights(layout)`, `denoise_activations(layout)`, `decode_activations(tiled=...)`, `lengths()`,
+    `cp_link(layout)`, `cfg_link(layout)` (the link each exchange crosses: the machine's, or costs.NETWORK)."""
 
     model: ModelFacts
     gpus: Gpus
