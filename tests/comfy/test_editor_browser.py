@@ -23,7 +23,7 @@ from tests.lora_fixtures import write_tiny_flux_loras  # noqa: E402
 
 EXAMPLES = REPO_ROOT / "example_workflows"
 NAMES = ("data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses", "cfg_parallel",
-         "regional_compile", "step_cache", "lora_chain")
+         "regional_compile", "step_cache", "lora_chain", "auto_plan")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
