@@ -80,13 +80,17 @@ class ParallelDenoise:
                     true_cfg):
         """strategy auto: refuse a request the loaded layout cannot run or fit (before any rank works on it); both
         strategies: the LoaderPlan with what the planner says about this request (for the log and the panel)."""
+        from ..dist_backend.errors import ConfigError
         from ..dist_backend.planning.auto import call_request, check_request
 
         loaded = pipeline.plan
-        if loaded is None or loaded.facts is None:
-            return None  # no plan, or a manual layout whose model the planner could not read
-        request = call_request(loaded.facts, height=height, width=width, num_frames=num_frames,
-                               images=len(conditioning.prompts) * images_per_prompt, guidance=guidance,
-                               negative_prompt=conditioning.negative_prompt, true_cfg=true_cfg, steps=steps,
-                               latent_shape=None if latent is None else tuple(latent["samples"].shape))
+        if loaded is None or loaded.facts is None or not conditioning.prompts:
+            return None  # no plan, a manual layout whose model the planner could not read, or no prompt
+        try:
+            request = call_request(loaded.facts, height=height, width=width, num_frames=num_frames,
+                                   images=len(conditioning.prompts) * images_per_prompt, guidance=guidance,
+                                   negative_prompt=conditioning.negative_prompt, true_cfg=true_cfg, steps=steps,
+                                   latent_shape=None if latent is None else tuple(latent["samples"].shape))
+        except ConfigError:
+            return None  # bad input: the engine's own checks refuse it, in their words
         return check_request(loaded, request)

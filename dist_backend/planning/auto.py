@@ -169,6 +169,11 @@ def check_request(loaded: LoaderPlan, request: Request) -> LoaderPlan:
     facts, p = loaded.facts, loaded.plan
     if p is None:
         return replace(loaded, notes=())
+    try:
+        facts.check_size(height=request.height, width=request.width, frames=request.frames)
+        facts.check_true_cfg(request.true_cfg)
+    except ConfigError:
+        return replace(loaded, notes=())  # bad input: the engine's own check refuses it next, in its words
     this = describe_request(request, video=facts.is_video)
     layout = Hand(dp=p.dp, cfg=p.cfg, ring=p.ring, ulysses=p.ulysses, gpus_per_rank=p.gpus_per_rank,
                   offload=p.offload, weights=p.weights)

@@ -96,6 +96,10 @@ def test_parallel_denoise_refuses_a_request_the_auto_layout_cannot_run_and_names
     assert "the planner predicts dp2 2.00× faster than the loaded ulysses2" in notes[-1]
     assert not any("faster than the loaded" in n for n in auto.check_request(flux, with_flux_image(auto, flux)).notes)
     assert auto.check_request(flux, four).summary()["last_request"] == list(notes)
+    # A size the family refuses is left to the engine's own check (its message), not refused as a plan mismatch.
+    odd = auto.call_request(flux.facts, height=1000, width=64, num_frames=1, images=1, guidance=3.5,
+                            negative_prompt=None, true_cfg=1.0, steps=4)
+    assert auto.check_request(flux, odd).notes == ()
 
 
 def with_flux_image(auto, loaded):
