@@ -55,6 +55,9 @@ class StatusSnapshot:
     failure: RankFailure | None = None
     last_seconds: dict[str, float] = field(default_factory=dict)
     """Seconds each stage took the last time it ran."""
+    plan: dict | None = None
+    """The loader's plan (planning.auto.LoaderPlan.summary: strategy, layout, summary, reasons, warnings, what it
+    was planned for, what the planner said about the last request); None when no loader planned."""
     updated: float = 0.0
     """time.time() of this snapshot."""
 
@@ -124,6 +127,10 @@ class StatusBoard:
         """A stage starts; returns its start time for :meth:`end`."""
         self._update(state=state, stage=stage, step=None)
         return time.monotonic()
+
+    def set_plan(self, plan: dict | None) -> None:
+        """The plan of the layout this session runs (the loader's, then re-checked per request)."""
+        self._update(plan=plan)
 
     def step(self, done: int, total: int) -> None:
         self._update(step=(int(done), int(total)))

@@ -25,7 +25,7 @@ TINY_LORAS = {"peft": "distdiff-tiny-flux-peft.safetensors", "kohya": "distdiff-
 WIDGETS = {
     "LoadSharded": ["model", "ranks", "dp", "ring", "ulysses", "device", "dtype", "offload", "gpus_per_rank",
                     "device_map", "max_memory", "attention_backend", "cfg", "compile", "cache", "cache_threshold",
-                    "model_path"],
+                    "model_path", "strategy"],
     "EncodeOnGPUs": ["prompt", "negative_prompt"],
     "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames",
                         "denoise", "true_cfg", "guidance_2"],
@@ -37,7 +37,7 @@ WIDGETS = {
     "VAEDecode": [],
     "DistDiffLoRA": ["lora_name", "strength"],
 }
-OUTPUTS = {"LoadSharded": [("pipeline", "DISTDIFF_PIPELINE")], "EncodeOnGPUs": [("conditioning", "DISTDIFF_CONDITIONING")],
+OUTPUTS = {"LoadSharded": [("pipeline", "DISTDIFF_PIPELINE"), ("plan", "STRING")], "EncodeOnGPUs": [("conditioning", "DISTDIFF_CONDITIONING")],
            "ParallelDenoise": [("LATENT", "LATENT")], "DecodeVAE": [("IMAGE", "IMAGE")], "SaveImage": [],
            "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "VAELoader": [("VAE", "VAE")],
            "VAEEncode": [("LATENT", "LATENT")], "VAEDecode": [("IMAGE", "IMAGE")],
@@ -77,7 +77,7 @@ COMFY_DECODE = {  # our ParallelDenoise -> ComfyUI's own Load VAE + VAE Decode
 
 BASE_LOAD = dict(model=TINY_MODEL, ranks=2, dp=0, ring=1, ulysses=1, device="cpu", dtype="float32",
                  offload="resident", gpus_per_rank=1, device_map="none", max_memory="", attention_backend="",
-                 cfg=1, compile="none", cache="none", cache_threshold=0.0, model_path="")
+                 cfg=1, compile="none", cache="none", cache_threshold=0.0, model_path="", strategy="manual")
 BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1,
                     denoise=1.0, true_cfg=1.0, guidance_2=-1.0)
 
@@ -98,6 +98,9 @@ EXAMPLES = {
                              note="Ulysses on 2 ranks with the transformer's repeated block torch.compiled once"),
     "step_cache": dict(load=dict(ulysses=2, cache="first_block", cache_threshold=0.3), prompt="a red fox in the snow",
                        note="Ulysses on 2 ranks with diffusers' first-block cache, decided over the CP group"),
+    "auto_plan": dict(load=dict(strategy="auto"), prompt="a red fox in the snow",
+                      note="strategy auto: the planner chooses the layout of the 2 ranks (Ulysses 2 for one image) "
+                           "and explains it on LoadSharded's plan output (wire it to Preview as Text)"),
     "lora_chain": dict(load=dict(ulysses=2), prompt="a red fox in the snow",
                        loras=[(TINY_LORAS["peft"], 0.8), (TINY_LORAS["kohya"], -0.6)],
                        note="two chained LoRA (DistDiff) nodes (a diffusers/PEFT and a kohya file, one negative) "

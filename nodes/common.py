@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CATEGORY = "DistDiff"
 PIPELINE = "DISTDIFF_PIPELINE"
@@ -23,14 +23,23 @@ class PipelineHandle:
     loras: tuple[tuple[str, float], ...] = ()
     """(file, strength) in chain order (DistDiffLoRA nodes append); the ranks hold exactly these for every stage."""
     files: object = None  # dist_backend.files.ModelFiles when the model was loaded from single files
+    plan: object = field(default=None, compare=False)
+    """dist_backend.planning.auto.LoaderPlan: how the loader chose the layout; ParallelDenoise checks each request
+    against it."""
 
     def session(self):
         from ..dist_backend.session import get_session
 
         session = get_session(self.config)
+        if self.plan is not None and session.status.snapshot.plan is None:
+            session.status.set_plan(self.plan.summary())  # a sidecar started again for this handle
         session.load(self.files if self.files is not None else self.model_dir)  # no-op when already loaded
         session.set_loras(self.loras)  # no-op when the ranks already hold exactly this set
         return session
+
+
+PLAN_OUTPUT = ("STRING", "plan")
+"""The loaders' second output: the plan as text (its layout, reasons and warnings); wire it to any text display."""
 
 
 def model_folders() -> list[str]:

@@ -4,7 +4,8 @@ and vae), with the same parallel settings as LoadSharded; outputs the same DISTD
 from __future__ import annotations
 
 from . import parallel_inputs
-from .common import CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, files_fingerprint, run_cancellable
+from .common import (CATEGORY, PIPELINE, PLAN_OUTPUT, PipelineHandle, comfy_should_cancel, files_fingerprint,
+                     run_cancellable)
 
 NONE = "none"
 # ComfyUI's folder names for each kind of file; older ComfyUI versions know only the second of a pair.
@@ -52,8 +53,8 @@ class LoadFiles:
                    "settings as Load Sharded. Each rank memory-maps the files; nothing is converted on disk. "
                    "Supported families: flux, qwenimage.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (PIPELINE,)
-    RETURN_NAMES = ("pipeline",)
+    RETURN_TYPES = (PIPELINE, PLAN_OUTPUT[0])  # appended, never inserted: API workflows link outputs by index
+    RETURN_NAMES = ("pipeline", PLAN_OUTPUT[1])
     FUNCTION = "load"
 
     @classmethod
@@ -88,6 +89,7 @@ class LoadFiles:
                 "configs_path": ("STRING", {"default": "",
                                             "tooltip": "A diffusers-layout folder whose config.json files describe the "
                                                        "architecture; empty = the configs shipped for the model."}),
+                **parallel_inputs.AUTO,
             },
         }
 
@@ -103,10 +105,10 @@ class LoadFiles:
 
     def load(self, family, diffusion_model, text_encoder_1, text_encoder_2, vae, weights, tokenizers_path="",
              configs_path="", **settings):
-        from ..dist_backend.files import ModelFiles
+        from ..dist_backend.files import ModelFiles, read_files_config
+        from ..dist_backend.planning.model_facts import read_model_facts
         from ..dist_backend.session import get_session
 
-        config = parallel_inputs.session_config(settings)
         files = ModelFiles(
             family=family, transformer=full_path("diffusion", diffusion_model),
             text_encoder=full_path("text", text_encoder_1), vae=full_path("vae", vae),
@@ -114,6 +116,12 @@ class LoadFiles:
             tokenizers=tokenizers_path.strip() or comfy_root(), configs=configs_path.strip(),
             weights="fp8" if weights == "fp8" else "compute",
         )
+        # The planner reads the architecture configs the files are checked against (no weight is read).
+        config, plan = parallel_inputs.planned_config(
+            settings, facts=lambda: read_model_facts(read_files_config(files)["configs_dir"]),
+            weights="fp8" if weights == "fp8" else "bf16")
         session = get_session(config)
+        session.status.set_plan(plan.summary())
         info = run_cancellable(lambda: session.load(files, should_cancel=comfy_should_cancel()))
-        return (PipelineHandle(config=config, model_dir=info["model_dir"], family=info["family"], files=files),)
+        return (PipelineHandle(config=config, model_dir=info["model_dir"], family=info["family"], files=files,
+                               plan=plan), plan.text)

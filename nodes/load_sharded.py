@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from . import parallel_inputs
-from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, folder_fingerprint, list_models,
-                     resolve_model, run_cancellable)
+from .common import (CATEGORY, PIPELINE, PLAN_OUTPUT, PipelineHandle, comfy_should_cancel, folder_fingerprint,
+                     list_models, resolve_model, run_cancellable)
 
 
 class LoadSharded:
     DESCRIPTION = ("Loads a diffusers pipeline on a sidecar of rank processes (one per GPU, or CPU ranks) that "
                    "stays up between runs. Choose data parallel (dp), context parallel (ring / ulysses) or "
                    "device_map sharding (gpus_per_rank > 1), and CFG parallel (cfg = 2); the product dp × cfg × ring × "
-                   "ulysses × gpus_per_rank is the number of GPUs used.")
+                   "ulysses × gpus_per_rank is the number of GPUs used. strategy auto lets the planner choose them; the plan "
+                   "output says what was chosen (or how the degrees set by hand run) and why.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (PIPELINE,)
-    RETURN_NAMES = ("pipeline",)
+    RETURN_TYPES = (PIPELINE, PLAN_OUTPUT[0])  # appended, never inserted: API workflows link outputs by index
+    RETURN_NAMES = ("pipeline", PLAN_OUTPUT[1])
     FUNCTION = "load"
 
     @classmethod
@@ -29,6 +30,7 @@ class LoadSharded:
                 **parallel_inputs.OPTIONAL,
                 "model_path": ("STRING", {"default": "",
                                           "tooltip": "Absolute path of a diffusers folder; overrides model when set."}),
+                **parallel_inputs.AUTO,
             },
         }
 
@@ -44,10 +46,12 @@ class LoadSharded:
             return float("nan")
 
     def load(self, model, model_path="", **settings):
+        from ..dist_backend.planning.model_facts import read_model_facts
         from ..dist_backend.session import get_session
 
-        config = parallel_inputs.session_config(settings)
         model_dir = resolve_model(model, model_path)
+        config, plan = parallel_inputs.planned_config(settings, facts=lambda: read_model_facts(model_dir))
         session = get_session(config)
+        session.status.set_plan(plan.summary())
         info = run_cancellable(lambda: session.load(model_dir, should_cancel=comfy_should_cancel()))
-        return (PipelineHandle(config=config, model_dir=model_dir, family=info["family"]),)
+        return (PipelineHandle(config=config, model_dir=model_dir, family=info["family"], plan=plan), plan.text)

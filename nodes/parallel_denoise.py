@@ -59,7 +59,12 @@ class ParallelDenoise:
 
     def denoise(self, pipeline, conditioning, seed, images_per_prompt, steps, guidance, width, height, num_frames=1,
                 latent=None, denoise=1.0, true_cfg=1.0, guidance_2=SAME_AS_GUIDANCE):
+        checked = self._check_plan(pipeline, conditioning, images_per_prompt=images_per_prompt, steps=steps,
+                                   guidance=guidance, width=width, height=height, num_frames=num_frames,
+                                   latent=latent, true_cfg=true_cfg)
         session = pipeline.session()
+        if checked is not None:
+            session.status.set_plan(checked.summary())
         # A hint: the engine reports the real total (img2img runs fewer steps).
         progress = ComfyProgress(len(conditioning.prompts) * images_per_prompt * steps, family=pipeline.family)
         latents = run_cancellable(lambda: session.denoise(
@@ -69,3 +74,23 @@ class ParallelDenoise:
             guidance_2=None if guidance_2 < 0 else guidance_2, on_progress=progress.update,
             on_preview=progress.preview if progress.previews else None, should_cancel=comfy_should_cancel()))
         return ({"samples": latents},)
+
+    @staticmethod
+    def _check_plan(pipeline, conditioning, *, images_per_prompt, steps, guidance, width, height, num_frames, latent,
+                    true_cfg):
+        """strategy auto: refuse a request the loaded layout cannot run or fit (before any rank works on it); both
+        strategies: the LoaderPlan with what the planner says about this request (for the log and the panel)."""
+        from ..dist_backend.errors import ConfigError
+        from ..dist_backend.planning.auto import call_request, check_request
+
+        loaded = pipeline.plan
+        if loaded is None or loaded.facts is None or not conditioning.prompts:
+            return None  # no plan, a manual layout whose model the planner could not read, or no prompt
+        try:
+            request = call_request(loaded.facts, height=height, width=width, num_frames=num_frames,
+                                   images=len(conditioning.prompts) * images_per_prompt, guidance=guidance,
+                                   negative_prompt=conditioning.negative_prompt, true_cfg=true_cfg, steps=steps,
+                                   latent_shape=None if latent is None else tuple(latent["samples"].shape))
+        except ConfigError:
+            return None  # bad input: the engine's own checks refuse it, in their words
+        return check_request(loaded, request)

@@ -49,7 +49,21 @@ OPTIONAL = {
                                              "(0.05 / 0.06). Higher skips more."}),
 }
 
-NAMES = (*REQUIRED, *OPTIONAL)
+AUTO = {
+    # Last among a loader's inputs: the UI format stores widget values by position, so saved workflows keep theirs.
+    "strategy": (["manual", "auto"], {
+        "default": "manual",
+        "tooltip": "auto: the planner chooses dp, cfg, ring, ulysses, gpus_per_rank and offload for `ranks` devices "
+                   "(GPUs on CUDA, rank processes on CPU) and says why in the plan output; a setting changed from "
+                   "its default (dp 0, ring / ulysses / cfg / gpus_per_rank 1, offload resident) is kept and only "
+                   "checked. The loader does not know the request yet, so it plans for the model's usual call "
+                   "(Flux 1024², Qwen-Image 1024² with CFG and a negative prompt, Wan 832×480×81 with CFG; one "
+                   "image), and ParallelDenoise checks each real request: one the layout cannot run or fit is "
+                   "refused before the ranks start on it, and a much faster layout for it is named in the log and "
+                   "the DistDiff panel. manual: the degrees as set; the plan output explains them."}),
+}
+
+NAMES = (*REQUIRED, *OPTIONAL, *AUTO)
 
 
 def split(kwargs: dict) -> tuple[dict, dict]:
@@ -57,20 +71,61 @@ def split(kwargs: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in kwargs.items() if k in NAMES}, {k: v for k, v in kwargs.items() if k not in NAMES})
 
 
+def _resolved(settings: dict) -> dict:
+    """The settings with defaults for optional ones not given, and device / dtype resolved."""
+    s = {**{k: spec[1]["default"] for k, spec in {**OPTIONAL, **AUTO}.items()}, **settings}
+    if s["device"] == "auto":
+        import torch
+
+        s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if s["device"] == "cpu" and s["dtype"] == "float16":
+        s["dtype"] = "bfloat16"  # the node default is for GPUs; CPU kernels want bf16/fp32
+    return s
+
+
 def session_config(settings: dict):
     """The SessionConfig of the parallel settings (defaults for optional ones not given); validated there."""
     from ..dist_backend.config import SessionConfig
 
-    s = {**{k: spec[1]["default"] for k, spec in OPTIONAL.items()}, **settings}
-    device, dtype = s["device"], s["dtype"]
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and dtype == "float16":
-        dtype = "bfloat16"  # the node default is for GPUs; CPU kernels want bf16/fp32
-    return SessionConfig(world_size=s["ranks"], dp=s["dp"], ring=s["ring"], ulysses=s["ulysses"], device=device,
-                         dtype=dtype, offload=s["offload"], gpus_per_rank=s["gpus_per_rank"],
+    s = _resolved(settings)
+    return SessionConfig(world_size=s["ranks"], dp=s["dp"], ring=s["ring"], ulysses=s["ulysses"], device=s["device"],
+                         dtype=s["dtype"], offload=s["offload"], gpus_per_rank=s["gpus_per_rank"],
                          device_map=s["device_map"], max_memory=s["max_memory"].strip(),
                          attention_backend=s["attention_backend"].strip(), cfg=s["cfg"], compile=s["compile"],
                          cache=s["cache"], cache_threshold=s["cache_threshold"])
+
+
+def planned_config(settings: dict, *, facts, weights: str = "bf16", per_node: tuple[int, ...] = ()):
+    """(SessionConfig, LoaderPlan) of the parallel settings: with strategy auto the planner fills what was left
+    at its default; with manual the settings are used as given and the plan explains them. `facts` is a
+    callable giving the model's ModelFacts (read only when needed); `weights` is how the transformer is stored
+    ("bf16", or "fp8" for single files loaded with weights fp8); `per_node` the devices of each machine when the
+    ranks span several (a cluster's ranks per node, in rank order)."""
+    from ..dist_backend.config import SessionConfig
+    from ..dist_backend.planning.auto import Strategy, plan_loader
+    from ..dist_backend.planning.layout import Hand, session_kwargs
+
+    s = _resolved(settings)
+    strategy = Strategy(s["strategy"])
+    if strategy is Strategy.MANUAL:
+        config = session_config(settings)  # validated first: a manual layout's own errors come from the engine
+        hand = Hand(dp=config.dp, cfg=config.cfg, ring=config.ring, ulysses=config.ulysses,
+                    gpus_per_rank=config.gpus_per_rank, offload=config.offload, weights=weights)
+        count = config.world_size * (config.gpus_per_rank if config.device.value == "cuda" else 1)
+        return config, plan_loader(facts=facts, strategy=strategy, device=config.device.value, count=count,
+                                   hand=hand, per_node=per_node)
+    defaults = {"dp": 0, "cfg": 1, "ring": 1, "ulysses": 1, "gpus_per_rank": 1, "offload": "resident"}
+    hand = {k: s[k] for k, default in defaults.items() if s[k] != default}
+    if s["device"] != "cuda":
+        hand["gpus_per_rank"] = 1  # CPU ranks have no device_map sharding
+    if per_node:
+        hand["gpus_per_rank"] = 1  # a cluster counts ranks per machine: one device each
+    loader_plan = plan_loader(facts=facts, strategy=strategy, device=s["device"], count=s["ranks"],
+                              hand=Hand(**hand, weights=weights), per_node=per_node)
+    kwargs = session_kwargs(loader_plan.plan, device=s["device"], dtype=s["dtype"])
+    if loader_plan.plan.gpus_per_rank > 1 and s["device_map"] != "none":
+        kwargs["device_map"] = s["device_map"]
+    config = SessionConfig(**kwargs, max_memory=s["max_memory"].strip() if loader_plan.plan.gpus_per_rank > 1 else "",
+                           attention_backend=s["attention_backend"].strip(), compile=s["compile"], cache=s["cache"],
+                           cache_threshold=s["cache_threshold"])
+    return config, loader_plan

@@ -61,6 +61,7 @@ def status_payload() -> dict:
         "seconds": dict(session.timings.stages),
         "last_run": dict(session.last_run),  # cfg degree, compile, cache and forwards skipped by the last denoise
         "loras": [{"file": os.path.basename(spec.path), "strength": spec.strength} for spec in session.loras],
+        "plan": snap.plan,  # strategy manual/auto, the layout and its reasons (planning.auto.LoaderPlan.summary)
     }
 
 

@@ -24,6 +24,9 @@ const STYLE = `
 .distdiff-state-failed { background: #8f2323; }
 .distdiff-panel pre { background: #1b1b1b; color: #e88; padding: 6px; white-space: pre-wrap; max-height: 14em; overflow: auto; }
 .distdiff-panel button { margin: 6px 6px 0 0; padding: 3px 10px; cursor: pointer; }
+.distdiff-panel .distdiff-plan summary { cursor: pointer; }
+.distdiff-panel .distdiff-plan li { white-space: normal; margin: 2px 0; }
+.distdiff-panel .distdiff-plan .distdiff-warning { color: #eb6; }
 .distdiff-floating { position: fixed; right: 12px; top: 60px; width: 460px; max-height: 80vh; z-index: 1000;
   background: #222; border: 1px solid #555; border-radius: 6px; box-shadow: 0 4px 16px #0008; }
 `;
@@ -55,6 +58,17 @@ function speed(status) {
   return parts.join("; ");
 }
 
+function plan(status) {
+  // The loader's plan (strategy manual/auto): its first line, then reasons and warnings, folded.
+  const p = status.plan;
+  if (!p) return "";
+  const warnings = [...(p.warnings ?? []), ...(p.last_request ?? [])];
+  return `<details class="distdiff-plan"><summary>plan (${esc(p.strategy)}): <span class="distdiff-plan-layout">${esc(p.layout ?? "as set")}</span>${
+    warnings.length ? ` <span class="distdiff-warning">⚠ ${warnings.length}</span>` : ""}</summary>
+    <div class="distdiff-dim">${esc(p.summary)}</div><ul>${(p.reasons ?? []).map((r) => `<li>${esc(r)}</li>`).join("")}${
+    warnings.map((w) => `<li class="distdiff-warning">${esc(w)}</li>`).join("")}</ul></details>`;
+}
+
 function render(status) {
   const ranks = status.ranks ?? [];
   // Each row: that rank's stage and its own step (a dp rank counts its own images); the stage line above shows the
@@ -79,6 +93,7 @@ function render(status) {
       <tr><td>stage</td><td class="distdiff-stage">${esc(status.stage ?? "—")}${status.step
         ? ` · step <span class="distdiff-total-step">${step(status.step)}</span> <span class="distdiff-dim">(all ranks)</span>` : ""}</td></tr>
     </table>
+    ${plan(status)}
     ${ranks.length ? `<table class="distdiff-ranks"><tr><th>rank</th><th>device@node</th><th>pid</th><th>memory</th><th>stage · step</th></tr>${rows}</table>` : `<div class="distdiff-empty">no ranks running</div>`}
     ${failure}
     ${timings.length ? `<table class="distdiff-timings"><tr><th>last run</th><th>seconds</th></tr>${timings

@@ -22,6 +22,11 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
                    help="how the GPUs talk: NVLink/P2P or only PCIe (default: detected, else pcie)")
     g.add_argument("--gpu-tflops", type=float, default=0.0,
                    help="published dense bf16 TFLOP/s of one GPU (default: the typical GPU of that memory)")
+    g.add_argument("--nodes", type=int, default=1,
+                   help="machines the GPUs are spread over evenly (--gpus in all); CP is kept inside a machine")
+    g.add_argument("--cluster", default="",
+                   help="the machines as generate's --cluster SPEC, e.g. 'local:4, 10.0.0.7:4' (GPUs per machine "
+                        "in rank order; --gpus defaults to the sum)")
     r = parser.add_argument_group("request")
     r.add_argument("--height", type=int, default=1024)
     r.add_argument("--width", type=int, default=1024)
@@ -29,6 +34,8 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--images", type=int, default=1, help="images (videos) per call: prompts × images per prompt")
     r.add_argument("--guidance", type=float, default=3.5)
     r.add_argument("--negative-prompt", default=None)
+    r.add_argument("--true-cfg", type=float, default=1.0,
+                   help="Flux's true CFG scale (> 1 with --negative-prompt runs two passes per step)")
     r.add_argument("--steps", type=int, default=28)
     h = parser.add_argument_group("set by hand (the planner then checks and explains)")
     for name in ("dp", "cfg", "ring", "ulysses", "gpus-per-rank"):
@@ -42,15 +49,33 @@ def gpus_from_args(args: argparse.Namespace):
     """`Gpus` from the flags; from this machine when no memory is given."""
     from .hardware import Gpus, detect_gpus, parse_memory
 
+    per_node = machines_from_args(args)
+    count = args.gpus or sum(per_node)
     if not args.gpu_memory:
         found = detect_gpus()
-        count = args.gpus or found.count
-        return Gpus(count=count, memory=found.memory, interconnect=args.interconnect or found.interconnect,
-                    flops=args.gpu_tflops * 1e12 or found.flops, name=found.name)
-    if args.gpus < 1:
-        raise ConfigError("--gpus N is needed with --gpu-memory (how many GPUs of that size)")
-    return Gpus(count=args.gpus, memory=parse_memory(args.gpu_memory), interconnect=args.interconnect or "pcie",
-                flops=args.gpu_tflops * 1e12)
+        count = count or found.count
+        kwargs = dict(memory=found.memory, interconnect=args.interconnect or found.interconnect,
+                      flops=args.gpu_tflops * 1e12 or found.flops, name=found.name)
+    else:
+        if count < 1:
+            raise ConfigError("--gpus N is needed with --gpu-memory (how many GPUs of that size)")
+        kwargs = dict(memory=parse_memory(args.gpu_memory), interconnect=args.interconnect or "pcie",
+                      flops=args.gpu_tflops * 1e12)
+    if per_node:
+        return Gpus(count=count, per_node=per_node, **kwargs)
+    return Gpus.on_machines(nodes=args.nodes, count=count, **kwargs)
+
+
+def machines_from_args(args: argparse.Namespace) -> tuple[int, ...]:
+    """GPUs per machine from --cluster SPEC (empty without it); --nodes then must not disagree."""
+    if not args.cluster:
+        return ()
+    from ..cluster import parse_cluster
+
+    per_node = tuple(n.nproc for n in parse_cluster(args.cluster).nodes)
+    if args.nodes not in (1, len(per_node)):
+        raise ConfigError(f"--nodes {args.nodes} but --cluster names {len(per_node)} machines; give one of them")
+    return per_node
 
 
 def plan_from_args(args: argparse.Namespace):
@@ -58,7 +83,8 @@ def plan_from_args(args: argparse.Namespace):
     from .planner import Hand, Request, plan
 
     request = Request(height=args.height, width=args.width, frames=args.frames, images=args.images,
-                      guidance=args.guidance, negative_prompt=args.negative_prompt, steps=args.steps)
+                      guidance=args.guidance, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg,
+                      steps=args.steps)
     hand = Hand(dp=args.dp, cfg=args.cfg, ring=args.ring, ulysses=args.ulysses, gpus_per_rank=args.gpus_per_rank,
                 offload=args.offload, weights=args.weights)
     return plan(model=read_model_facts(args.model), gpus=gpus_from_args(args), request=request, hand=hand)
@@ -77,10 +103,9 @@ def auto_session_config(args: argparse.Namespace):
     `--world-size` devices (CUDA: GPUs of this machine; CPU: rank processes). A degree given with a value other
     than its default counts as set by hand; the rest (device, dtype, attention backend, threads) comes from the
     flags as without --auto."""
-    import os
-
+    from ..cluster import parse_cluster
     from ..config import SessionConfig
-    from .hardware import Gpus, detect_gpus
+    from .auto import devices
     from .model_facts import read_model_facts
     from .planner import Hand, Request, plan, session_kwargs
 
@@ -92,19 +117,16 @@ def auto_session_config(args: argparse.Namespace):
                               ("gpus_per_rank", args.gpus_per_rank)) if v not in (0, 1)}
     if args.offload != "resident":
         hand["offload"] = args.offload
-    if args.device == "cuda":
-        found = detect_gpus()
-        gpus = Gpus(count=args.world_size, memory=found.memory, interconnect=found.interconnect, flops=found.flops,
-                    name=found.name)
-    else:
-        # CPU ranks: the cost model is the GPUs' and says nothing true about CPU speed; what the plan gives here
-        # is a layout the engine can run. Each rank process counts as one device with its share of the RAM.
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        gpus = Gpus(count=args.world_size, memory=ram // args.world_size, name="CPU rank", flops=1e12)
+    if args.device != "cuda":
         hand.update(gpus_per_rank=1, weights="bf16")
+    # With --cluster the ranks of each machine are its devices (the SPEC counts ranks; CP stays inside one).
+    per_node = tuple(n.nproc for n in parse_cluster(args.cluster).nodes) if args.cluster else ()
+    if per_node:
+        hand.setdefault("gpus_per_rank", 1)  # the SPEC counts ranks: one device each
+    gpus = devices(device=args.device, count=args.world_size, per_node=per_node)
     request = Request(height=args.height, width=args.width, frames=args.num_frames,
                       images=len(args.prompt) * args.images_per_prompt, guidance=args.guidance,
-                      negative_prompt=args.negative_prompt, steps=args.steps)
+                      negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps)
     chosen = plan(model=read_model_facts(args.model), gpus=gpus, request=request, hand=Hand(**hand))
     kwargs = session_kwargs(chosen, device=args.device, dtype=args.dtype)
     config = SessionConfig(**kwargs, attention_backend=args.attention_backend, threads_per_rank=args.threads_per_rank,

@@ -46,10 +46,19 @@ took 80.3 / 74.9 ms of CPU issue time for FLUX.1-dev's 57 blocks, equal to their
 
 # -- communication -----------------------------------------------------------------------------------------------
 
-BANDWIDTH = {"nvlink": 450e9, "pcie": 25e9}
-"""Bytes per second each way per GPU, by `hardware.Interconnect` value. NVLink 4 on H100 SXM: 900 GB/s both ways
-(published); PCIe 4.0 x16: about 25 GB/s achieved of 32 GB/s. The same figures as `bench/gpu_model.py`'s
-predictions."""
+INTER_NODE_BANDWIDTH = 12.5e9
+"""Bytes per second each way between two machines of a cluster: a 100 Gb/s network (InfiniBand EDR or 100 GbE,
+12.5 GB/s line rate, published). 36× below NVLink and half of PCIe 4.0: why the planner keeps context parallelism
+(which moves activations every layer) inside a machine and lets dp (nothing during the steps) and CFG (one
+prediction per step) cross machines. A slower network (10 GbE: 1.25 GB/s) only strengthens that."""
+
+NETWORK = "network"
+"""The `BANDWIDTH` key of the link between machines (not a `hardware.Interconnect`: a machine's GPUs never use it)."""
+
+BANDWIDTH = {"nvlink": 450e9, "pcie": 25e9, NETWORK: INTER_NODE_BANDWIDTH}
+"""Bytes per second each way per GPU, by `hardware.Interconnect` value, and NETWORK between machines. NVLink 4 on
+H100 SXM: 900 GB/s both ways (published); PCIe 4.0 x16: about 25 GB/s achieved of 32 GB/s. The same figures as
+`bench/gpu_model.py`'s predictions."""
 
 COLLECTIVE_LATENCY_S = 15e-6
 """Fixed cost of one NCCL collective inside a step (bench/gpu_model.py `--alpha-us`, the value §7 predicts with)."""
@@ -151,6 +160,12 @@ def cp_bytes_per_pass(*, layers: int, tokens: int, hidden: int, ring: int, ulyss
     ulysses_bytes = 4 * (ulysses - 1) / ulysses * local if ulysses > 1 else 0.0
     ring_bytes = 2 * (ring - 1) * local if ring > 1 else 0.0
     return layers * (ulysses_bytes + ring_bytes)
+
+
+def cfg_exchange_time(*, tokens: int, values_per_token: int, link: str, element: int = 2) -> float:
+    """Seconds per image-step of CFG parallel's exchange: one all_gather over the pair, in which each rank receives
+    the other half's noise prediction (`strategies/cfg_parallel.py`)."""
+    return tokens * values_per_token * element / BANDWIDTH[str(getattr(link, "value", link))] + COLLECTIVE_LATENCY_S
 
 
 def cp_collectives_per_pass(*, layers: int, ring: int, ulysses: int) -> int:

@@ -43,15 +43,49 @@ class Gpus:
     """Published dense bf16 FLOP/s of one GPU; 0 = the typical GPU of this memory size (costs.TYPICAL_GPUS)."""
     name: str = ""
     """The device's name when known (reasons mention it)."""
+    per_node: tuple[int, ...] = ()
+    """GPUs of each machine in rank order when they are on several machines (a cluster: ranks 0… on the first
+    machine, as `cluster.parse_cluster` orders them); empty = all on one machine. `interconnect` is the link inside
+    a machine; between machines the network (costs.INTER_NODE_BANDWIDTH)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "interconnect", _interconnect(self.interconnect))
+        object.__setattr__(self, "per_node", tuple(self.per_node))
         if type(self.count) is not int or self.count < 1:
             raise ConfigError(f"gpus must be an integer ≥ 1, got {self.count!r}")
+        if self.per_node and (any(type(n) is not int or n < 1 for n in self.per_node)
+                              or sum(self.per_node) != self.count):
+            raise ConfigError(f"GPUs per machine {' + '.join(map(str, self.per_node))} = {sum(self.per_node)}, but "
+                              f"gpus is {self.count}; give each machine's GPU count (at least 1), summing to gpus")
         if type(self.memory) is not int or self.memory < 10**9:
             raise ConfigError(f"gpu memory must be at least 1 GB, got {self.memory!r} bytes; write e.g. '24GB'")
         if self.flops < 0:
             raise ConfigError(f"gpu flops must be ≥ 0 (0 = typical for the memory size), got {self.flops!r}")
+
+
+    @property
+    def nodes(self) -> int:
+        """Machines the GPUs are on."""
+        return len(self.per_node) or 1
+
+    def spans_machines(self, width: int) -> bool:
+        """Whether some block of `width` consecutive GPUs (GPUs 0…width-1, width…2·width-1, …: the rank groups of
+        a dp-major mesh) lies on more than one machine."""
+        if self.nodes == 1 or width <= 1:
+            return False
+        machine = [m for m, n in enumerate(self.per_node) for _ in range(n)]
+        return any(machine[start] != machine[start + width - 1] for start in range(0, self.count, width))
+
+    @classmethod
+    def on_machines(cls, *, nodes: int, count: int, **kwargs) -> Gpus:
+        """`count` GPUs spread evenly over `nodes` machines (ConfigError when they do not divide)."""
+        if type(nodes) is not int or nodes < 1:
+            raise ConfigError(f"nodes must be an integer ≥ 1, got {nodes!r}")
+        if count % nodes:
+            raise ConfigError(f"{count} GPUs do not spread evenly over {nodes} machines ({count} / {nodes} is not "
+                              "whole); give the GPUs of each machine instead (a cluster SPEC such as 'local:4, "
+                              "10.0.0.7:2')")
+        return cls(count=count, per_node=(count // nodes,) * nodes if nodes > 1 else (), **kwargs)
 
 
 def _interconnect(value) -> Interconnect:

@@ -28,9 +28,15 @@ class Request:
     """Images (videos) in the call: prompts × images per prompt."""
     guidance: float = 3.5
     negative_prompt: str | None = None
+    """None (or "") = none; any other text is a negative prompt (Qwen-Image's " " is one)."""
+    true_cfg: float = 1.0
+    """Flux's true CFG scale (`true_cfg_scale`): > 1 with a negative prompt runs two passes per step; other
+    families take their CFG from `guidance` and leave this at 1."""
     steps: int = 28
 
     def __post_init__(self) -> None:
+        if self.negative_prompt == "":
+            object.__setattr__(self, "negative_prompt", None)  # the engine's rule: only "" means none
         for name in ("height", "width", "frames", "images", "steps"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:

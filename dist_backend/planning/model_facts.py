@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..pipelines import Family, adapter_for, family_of
 
 VARIABLE_TEXT_TOKENS = 128
@@ -115,13 +115,30 @@ class ModelFacts:
         latent_frames = (frames - 1) // self.vae_temporal + 1 if self.is_video else 1
         return (latent_frames // pf) * (height // self.vae_scale // ph) * (width // self.vae_scale // pw)
 
-    def true_cfg(self, *, guidance: float, negative_prompt: str | None) -> bool:
-        """Whether this call runs two transformer passes per step (the engine's adapters' rule)."""
+    def true_cfg(self, *, guidance: float, negative_prompt: str | None, true_cfg_scale: float = 1.0) -> bool:
+        """Whether this call runs two transformer passes per step (the engine's adapters' `cfg_off_reason` rule):
+        Flux when true_cfg_scale > 1 with a negative prompt (its `guidance` is distilled, one pass); Qwen-Image
+        when guidance > 1 with a negative prompt; Wan when guidance > 1."""
         if self.guidance_distilled:
-            return False
+            return true_cfg_scale > 1.0 and negative_prompt is not None
         if self.cfg_needs_negative and negative_prompt is None:
             return False
         return guidance > 1.0
+
+    def check_true_cfg(self, true_cfg_scale: float) -> None:
+        """true_cfg_scale is Flux's; the engine refuses it for the other families (session.check_guidance)."""
+        if true_cfg_scale != 1.0 and not self.guidance_distilled:
+            raise ConfigError(f"true_cfg {true_cfg_scale:g} is Flux's true CFG scale; {self.name} "
+                              f"({self.family.value}) takes its CFG scale from guidance: leave true_cfg at 1")
+
+    @property
+    def prediction_values_per_token(self) -> int:
+        """Values of the noise prediction per image token (what a CFG-parallel pair exchanges each step): the
+        latent's channels × the patch cells of a token (Flux and Qwen-Image take packed 2×2 × 16 = 64 channels as
+        their in_channels; Wan takes 16 and patches 1×2×2 itself)."""
+        channels = int(self.configs.get("transformer", {}).get("in_channels", 64))
+        pf, ph, pw = self.patch
+        return channels * pf * ph * pw if self.is_video else channels
 
     def check_size(self, *, height: int, width: int, frames: int) -> None:
         """The family adapter's own size rule (ConfigError naming the nearest valid value)."""

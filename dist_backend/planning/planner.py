@@ -29,6 +29,7 @@ def plan(*, model: ModelFacts, gpus: Gpus, request: Request, hand: Hand | None =
     """The fastest layout that fits (see the module docstring); ConfigError with the arithmetic when none does."""
     hand = hand or Hand()
     model.check_size(height=request.height, width=request.width, frames=request.frames)
+    model.check_true_cfg(request.true_cfg)
     ctx = _Context(model=model, gpus=gpus, request=request)
     rejected: dict[Candidate, str] = {}
     costed: list[Costed] = []
@@ -85,7 +86,8 @@ class _Context(Explainer):
 
     def __init__(self, *, model: ModelFacts, gpus: Gpus, request: Request) -> None:
         self.model, self.gpus, self.request = model, gpus, request
-        self.true_cfg = model.true_cfg(guidance=request.guidance, negative_prompt=request.negative_prompt)
+        self.true_cfg = model.true_cfg(guidance=request.guidance, negative_prompt=request.negative_prompt,
+                                       true_cfg_scale=request.true_cfg)
         self.image_tokens = model.tokens(height=request.height, width=request.width, frames=request.frames)
         self.text_tokens = model.text_tokens
         self.cost_text = model.text_tokens if model.text_tokens is not None else VARIABLE_TEXT_TOKENS
@@ -103,6 +105,9 @@ class _Context(Explainer):
         from ..strategies.context_parallel import check_heads
 
         m = self.model
+        if lay.gpus_per_rank > 1 and self.gpus.spans_machines(lay.gpus_per_rank):
+            return (f"device_map needs each rank's {lay.gpus_per_rank} GPUs on one machine, and the machines have "
+                    f"{' + '.join(map(str, self.gpus.per_node))} GPUs")
         if lay.cp > 1 and not m.cp_supported:
             return f"{m.class_name}'s transformer has no context-parallel plan in diffusers"
         if lay.ulysses > 1:
@@ -189,6 +194,19 @@ class _Context(Explainer):
         return worst, tiling
 
     # -- time ---------------------------------------------------------------------------------------------------
+    def cp_link(self, lay: Candidate) -> str:
+        """The link a CP group's exchange crosses: the network when the group spans machines (the mesh is dp-major,
+        so a group is ring × ulysses consecutive ranks), else the machine's interconnect."""
+        if lay.cp > 1 and self.gpus.spans_machines(lay.cp * lay.gpus_per_rank):
+            return costs.NETWORK
+        return self.gpus.interconnect.value
+
+    def cfg_link(self, lay: Candidate) -> str:
+        """The link between the two CFG halves of a group (cfg × ring × ulysses consecutive ranks)."""
+        if self.gpus.spans_machines(lay.cfg * lay.cp * lay.gpus_per_rank):
+            return costs.NETWORK
+        return self.gpus.interconnect.value
+
     def passes(self, cfg: int) -> int:
         """Transformer passes per step on one rank for one image."""
         return 2 // cfg if self.true_cfg else 1
@@ -207,17 +225,24 @@ class _Context(Explainer):
         return costs.pass_time(flops=flops, tokens_per_rank=tokens_per_rank, layers=m.shape.layers, comm_bytes=comm,
                                collectives=costs.cp_collectives_per_pass(layers=m.shape.layers, ring=lay.ring,
                                                                          ulysses=lay.ulysses),
-                               peak_flops=self.peak, interconnect=self.gpus.interconnect, ring=lay.ring)
+                               peak_flops=self.peak, interconnect=self.cp_link(lay), ring=lay.ring)
 
     def cost(self, lay: Candidate, *, memory: int, tiling: bool) -> Costed:
         one = self._pass(lay)
-        per_group = math.ceil(self.request.images / lay.dp) * self.passes(lay.cfg)
+        images = math.ceil(self.request.images / lay.dp)
+        per_group = images * self.passes(lay.cfg)
+        exchange = 0.0
+        if lay.cfg > 1:
+            exchange = images * costs.cfg_exchange_time(tokens=self.image_tokens,
+                                                        values_per_token=self.model.prediction_values_per_token,
+                                                        link=self.cfg_link(lay))
         # device_map sharding runs a pass's layers one GPU after another: no faster than one GPU.
-        step = one.total * per_group
+        step = one.total * per_group + exchange
         reload = 0.0
         if lay.offload is Offload.STAGED:
             moved = sum(b for c, b in self.weights(lay).items() if self.model.stage_of[c] != "decode")
             reload = moved / lay.gpus_per_rank / costs.LOAD_BYTES_PER_S / self.request.steps
-        return Costed(lay, step=step, compute=one.compute * per_group, communication=one.communication * per_group,
-                       floor=one.floor * per_group, memory=memory, tiling=tiling, reload=reload,
-                       idle=max(0, lay.dp - self.request.images))
+        return Costed(lay, step=step, compute=one.compute * per_group,
+                      communication=one.communication * per_group + exchange,
+                      floor=one.floor * per_group, memory=memory, tiling=tiling, reload=reload,
+                      idle=max(0, lay.dp - self.request.images))

@@ -15,7 +15,8 @@ from .model_facts import VARIABLE_TEXT_TOKENS, ModelFacts, padded
 
 class Explainer:
     """Sentences about a costed candidate. Mixed into the planner's per-call context, which provides the facts
-    below and `weights(layout)`, `denoise_activations(layout)`, `decode_activations(tiled=...)`, `lengths()`."""
+    below and `weights(layout)`, `denoise_activations(layout)`, `decode_activations(tiled=...)`, `lengths()`,
+    `cp_link(layout)`, `cfg_link(layout)` (the link each exchange crosses: the machine's, or costs.NETWORK)."""
 
     model: ModelFacts
     gpus: Gpus
@@ -37,7 +38,10 @@ class Explainer:
         link = "NVLink" if g.interconnect is Interconnect.NVLINK else "PCIe"
         size = f"{r.width}×{r.height}" + (f"×{r.frames} frames" if m.is_video else "")
         reasons = [
-            f"GPUs: {g.count} × {human_bytes(g.memory)} over {link}; compute of a {self.gpu_name} "
+            f"GPUs: {g.count} × {human_bytes(g.memory)} over {link}"
+            + (f" inside each of {g.nodes} machines ({' + '.join(map(str, g.per_node))} GPUs), a "
+               f"{costs.INTER_NODE_BANDWIDTH / 1e9:g} GB/s network between them" if g.nodes > 1 else "")
+            + f"; compute of a {self.gpu_name} "
             f"({self.peak / 1e12:.0f} TFLOP/s bf16 published) assumed.",
             f"Request: {r.images} {'video' if m.is_video else 'image'}{'s' if r.images > 1 else ''} at {size}, "
             f"{self.image_tokens} {'video' if m.is_video else 'image'} tokens + "
@@ -57,21 +61,26 @@ class Explainer:
                               "the GPUs do more for each image than for separate images."))
         # CFG
         if self.true_cfg:
+            scale = (f"true_cfg {r.true_cfg:g}, a negative prompt" if m.guidance_distilled else
+                     f"guidance {r.guidance:g}" + (", a negative prompt" if m.cfg_needs_negative else ""))
             if lay.cfg > 1:
-                reasons.append(f"CFG 2{by_hand('cfg')}: the call uses true CFG (guidance {r.guidance:g}"
-                               + (", a negative prompt" if m.cfg_needs_negative else "")
-                               + "), so the positive and negative passes of each step run on two ranks at once.")
+                reasons.append(f"CFG 2{by_hand('cfg')}: the call uses true CFG ({scale}), so the positive and "
+                               "negative passes of each step run on two ranks at once.")
             else:
-                reasons.append(f"CFG not split{by_hand('cfg')}: the call uses true CFG, and each rank runs both "
-                               "passes of a step.")
+                reasons.append(f"CFG not split{by_hand('cfg')}: the call uses true CFG ({scale}), and each rank runs "
+                               "both passes of a step.")
         elif m.guidance_distilled:
-            reasons.append(f"CFG 1: {m.name}'s guidance is distilled into the model (one pass per step).")
+            why = f"true_cfg {r.true_cfg:g}" + (" without a negative prompt" if r.true_cfg > 1 else "")
+            reasons.append(f"CFG 1: {m.name}'s guidance is distilled into the model (one pass per step); its true "
+                           f"CFG runs only with true_cfg > 1 and a negative prompt ({why}).")
         else:
             why = ("no negative prompt" if m.cfg_needs_negative and r.negative_prompt is None
                    else f"guidance {r.guidance:g} ≤ 1")
             reasons.append(f"CFG 1: the call runs no true CFG ({why}), one pass per step.")
         # context parallel
         reasons.append(self._cp_sentence(lay, by_hand, ring_by_hand="ring" in given))
+        if g.nodes > 1:
+            reasons.append(self._machines_sentence(lay, link))
         # sharding
         if lay.gpus_per_rank > 1:
             reasons.append(f"device_map over {lay.gpus_per_rank} GPUs per rank{by_hand('gpus_per_rank')}: "
@@ -81,7 +90,9 @@ class Explainer:
         reasons.extend(tiers)
         # time
         speedup = self.single / c.step
-        parts = [f"compute {c.compute:.2f} s", f"communication {c.communication:.3f} s over {link}"]
+        over = "the network" if costs.NETWORK in (self.cp_link(lay), self.cfg_link(lay) if lay.cfg > 1 else "") \
+            else link
+        parts = [f"compute {c.compute:.2f} s", f"communication {c.communication:.3f} s over {over}"]
         if c.floor >= c.compute + c.communication:
             parts.append(f"bound by the {c.floor:.2f} s the host needs to launch an eager step's kernels")
         reasons.append(f"Predicted step {c.step:.2f} s for the whole call ({', '.join(parts)}) against "
@@ -96,6 +107,10 @@ class Explainer:
                            f"{self.single / faster_fp8.step:.2f}×, but changes the numerics; choose weights 'fp8' "
                            "by hand for it.")
         warnings = []
+        if self.cp_link(lay) == costs.NETWORK:
+            warnings.append(f"context-parallel groups of {lay.cp} ranks span machines: their attention exchange "
+                            f"crosses the {costs.INTER_NODE_BANDWIDTH / 1e9:g} GB/s network every layer; give each "
+                            f"machine a multiple of {lay.cp} GPUs to keep them inside one")
         if g.count > 1 and speedup < costs.SPEEDUP_WARNING:
             warnings.append(f"predicted speedup {speedup:.2f}× is below {costs.SPEEDUP_WARNING}×: "
                             + self._slow_cause(c, link) + alternative)
@@ -137,6 +152,24 @@ class Explainer:
         return (f"Ulysses {lay.ulysses} × Ring {lay.ring}{by_hand('ulysses')}: {heads} heads divide by {lay.ulysses} "
                 f"but not by {lay.cp}, so the other factor {lay.ring} is Ring; {tokens} tokens divide by {lay.cp}.")
 
+    def _machines_sentence(self, lay: Candidate, link: str) -> str:
+        g = self.gpus
+        net = f"{costs.INTER_NODE_BANDWIDTH / 1e9:g} GB/s"
+        slower = costs.BANDWIDTH[g.interconnect.value] / costs.INTER_NODE_BANDWIDTH
+        head = f"Machines: {g.nodes} ({' + '.join(map(str, g.per_node))} GPUs); "
+        if lay.cp > 1 and self.cp_link(lay) == costs.NETWORK:
+            return (head + f"context parallel {lay.cp} spans machines (no layout keeping it inside one is predicted "
+                    f"faster), so its exchange crosses the {net} network every layer.")
+        across = [name for name, degree, link_of in (("data parallel", lay.dp, None), ("CFG", lay.cfg, self.cfg_link))
+                  if degree > 1 and (link_of is None or link_of(lay) == costs.NETWORK)]
+        inside = (f"context parallel stays inside each machine ({lay.cp} ranks per group)" if lay.cp > 1 else
+                  "no context parallelism, so no attention exchange crosses machines")
+        spans = (f"{' and '.join(across)} span{'s' if len(across) == 1 else ''} the machines" if across else
+                 "nothing spans the machines")
+        return (head + f"{inside}, and {spans}: context parallel moves activations every layer, which the {net} "
+                f"network between machines carries {slower:.0f}× slower than {link}, while data parallel exchanges "
+                "nothing during the steps and CFG one prediction per step.")
+
     def _memory_sentence(self, c: Costed, *, bf16_fits: bool, rejected: dict[Candidate, str], by_hand,
                          given: dict) -> list[str]:
         lay, m = c.layout, self.model
@@ -172,6 +205,7 @@ class Explainer:
         lay = c.layout
         causes = []
         if c.communication > 0.25 * c.compute:
+            link = "the network between machines" if costs.NETWORK in (self.cp_link(lay), self.cfg_link(lay)) else link
             causes.append(f"interconnect: {link} moves this layout's tensors in {c.communication:.3f} s per step "
                           f"against {c.compute:.2f} s of compute")
         if lay.cp > 1 and self.split_tokens / lay.cp < 1152:

@@ -23,7 +23,7 @@ from tests.lora_fixtures import write_tiny_flux_loras  # noqa: E402
 
 EXAMPLES = REPO_ROOT / "example_workflows"
 NAMES = ("data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses", "cfg_parallel",
-         "regional_compile", "step_cache", "lora_chain")
+         "regional_compile", "step_cache", "lora_chain", "auto_plan")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -172,6 +172,9 @@ def test_status_panel_follows_a_run_a_killed_rank_restart_and_release(editor, tm
     page.wait_for_function(f"(old) => ({own})([...document.querySelectorAll('{PANEL} .distdiff-rank')])"
                            ".every((k, i) => k > old[i])", arg=before, timeout=30_000)
     assert page.text_content(f"{PANEL} .distdiff-strategy").startswith("dp2")
+    # The loader's plan (strategy manual: the degrees as set, explained), folded under one line.
+    assert page.text_content(f"{PANEL} .distdiff-plan summary").startswith("plan (manual): dp2")
+    assert "Data parallel 2 (set by hand)" in page.text_content(f"{PANEL} .distdiff-plan ul")
     shot = tmp_path / "panel.png"
     page.locator(PANEL).screenshot(path=str(shot))
     assert shot.stat().st_size > 5_000

@@ -172,6 +172,33 @@ def test_tiled_decode_node_matches_the_cli(server, tiny_dirs, loras_root, tmp_pa
     assert np.array_equal(got[0], want[0]), "ComfyUI's tiled decode PNG differs from the CLI's"
 
 
+def test_strategy_auto_plans_the_layout_explains_it_and_equals_the_manual_run(server, tiny_dirs, loras_root,
+                                                                            tmp_path_factory):
+    prompt = load("auto_plan.api.json")
+    manual = load("ulysses.api.json")  # the same graph with Ulysses 2 set by hand
+    loader = node_id(prompt, "LoadSharded")
+    assert {k: v for k, v in prompt.items() if k != loader} == {k: v for k, v in manual.items() if k != loader}
+    assert prompt[loader]["inputs"]["strategy"] == "auto" and prompt[loader]["inputs"]["ulysses"] == 1
+    if server.modern:  # ComfyUI's own text display (Preview as Text) on the plan output
+        prompt["90"] = {"class_type": "PreviewAny", "inputs": {"source": [loader, 1]}}
+    prompt_id, events = server.run(prompt, timeout=240)
+    assert "execution_error" not in [e["type"] for e in events], next(
+        (e for e in events if e["type"] == "execution_error"), None)
+    status = json.loads(server._http("GET", "/distdiff/status"))
+    # One image on 2 CPU ranks: Ulysses 2, and the sidecar runs exactly what was planned.
+    assert status["strategy"] == "ulysses2" and status["degrees"]["ulysses"] == 2
+    plan = status["plan"]
+    assert (plan["strategy"], plan["layout"]) == ("auto", "ulysses2")
+    assert any(r.startswith("Ulysses 2: 4 heads divide by 2") for r in plan["reasons"])
+    assert plan["planned_for"] == "1 image at 1024×1024, guidance 3.5, no negative prompt"
+    if server.modern:
+        text = server.history(prompt_id)["outputs"]["90"]["text"][0]
+        assert text.startswith("strategy auto: planned at load for ") and "\nplan: ulysses2 on 2 GPUs (2 ranks)" in text
+    got = output_pixels(server, prompt_id)
+    want = cli_reference(manual, tiny_dirs["flux"], tmp_path_factory, "ulysses.api.json", loras_root)
+    assert len(got) == len(want) == 1 and np.array_equal(got[0], want[0]), "auto differs from Ulysses 2 by hand"
+
+
 _CLI_PIXELS: dict[str, list[np.ndarray]] = {}
 
 

@@ -134,6 +134,75 @@ def test_true_cfg_gets_its_own_ranks_and_distilled_guidance_does_not(facts):
         plan(model=facts["flux1-dev"], gpus=two_h100, request=Request(), hand=Hand(cfg=2))
 
 
+def test_flux_true_cfg_is_a_request_fact_that_gets_its_own_ranks(facts):
+    two_h100 = Gpus(count=2, memory=80 * GB, interconnect="nvlink")
+    flux = facts["flux1-dev"]
+    p = plan(model=flux, gpus=two_h100, request=Request(true_cfg=4.0, negative_prompt="blurry"))
+    assert (p.cfg, p.dp, p.ulysses) == (2, 1, 1)
+    assert any(r.startswith("CFG 2: the call uses true CFG (true_cfg 4, a negative prompt)") for r in p.reasons)
+    # Two passes per step on one GPU: the single-GPU step doubles, CFG parallel halves it again.
+    plain = plan(model=flux, gpus=two_h100, request=Request(), hand=Hand(ulysses=2))
+    assert p.single_gpu_step_seconds == pytest.approx(2 * plain.single_gpu_step_seconds, rel=1e-6)
+    assert p.speedup == pytest.approx(2.0, rel=0.02)
+    # FluxPipeline runs true CFG only with a negative prompt; "" is none, as in the engine.
+    for request in (Request(true_cfg=4.0), Request(true_cfg=4.0, negative_prompt="")):
+        off = plan(model=flux, gpus=two_h100, request=request)
+        assert off.cfg == 1 and any("true_cfg 4 without a negative prompt" in r for r in off.reasons)
+    with pytest.raises(ConfigError, match="cfg 2 needs a call with true CFG"):
+        plan(model=flux, gpus=two_h100, request=Request(true_cfg=4.0), hand=Hand(cfg=2))
+    with pytest.raises(ConfigError, match="Flux's true CFG scale; qwen-image .* leave true_cfg at 1"):
+        plan(model=facts["qwen-image"], gpus=two_h100, request=Request(true_cfg=4.0, negative_prompt=" "))
+
+
+def test_clusters_keep_context_parallel_inside_a_machine_and_say_so(facts):
+    flux, qwen = facts["flux1-dev"], facts["qwen-image"]
+    h100 = dict(memory=80 * GB, interconnect="nvlink")
+    # One machine of 4: Ulysses 4. Two machines of 2: Ulysses 4 would cross the network every layer, so the CP
+    # group stays inside a machine and dp spans the two (the second group idles: 1 image).
+    assert plan(model=flux, gpus=Gpus(count=4, **h100), request=Request()).strategy == "ulysses4"
+    two = plan(model=flux, gpus=Gpus.on_machines(nodes=2, count=4, **h100), request=Request())
+    assert two.strategy == "dp2×ulysses2" and not two.warnings
+    assert any(r.startswith("Machines: 2 (2 + 2 GPUs); context parallel stays inside each machine (2 ranks per "
+                            "group), and data parallel spans the machines") for r in two.reasons)
+    assert "a 12.5 GB/s network between them" in two.reasons[0]
+    # The same Ulysses 4 by hand: its exchange is costed over the network (costs.INTER_NODE_BANDWIDTH) and warned.
+    spanning = plan(model=flux, gpus=Gpus.on_machines(nodes=2, count=4, **h100), request=Request(),
+                    hand=Hand(ulysses=4))
+    inside = plan(model=flux, gpus=Gpus(count=4, **h100), request=Request(), hand=Hand(ulysses=4))
+    assert spanning.step_seconds > inside.step_seconds + 0.01
+    assert any("context-parallel groups of 4 ranks span machines" in w for w in spanning.warnings)
+    # Qwen-Image with true CFG on 4 machines of 2: CP 2 inside each, CFG and dp across (one machine: cfg2×ulysses4).
+    cfg_request = Request(guidance=4.0, negative_prompt=" ", height=1328, width=1328)
+    assert plan(model=qwen, gpus=Gpus(count=8, **h100), request=cfg_request).strategy == "cfg2×ulysses4"
+    four = plan(model=qwen, gpus=Gpus.on_machines(nodes=4, count=8, **h100), request=cfg_request)
+    assert four.strategy == "dp2×cfg2×ulysses2"
+    assert any("context parallel stays inside each machine (2 ranks per group), and data parallel and CFG span "
+               "the machines" in r for r in four.reasons)
+    # device_map cannot put one rank's GPUs on two machines.
+    with pytest.raises(ConfigError, match="device_map needs each rank's 2 GPUs on one machine"):
+        plan(model=flux, gpus=Gpus(count=2, per_node=(1, 1), **h100), request=Request(), hand=Hand(gpus_per_rank=2))
+    with pytest.raises(ConfigError, match=r"3 \+ 2 = 5, but gpus is 4"):
+        Gpus(count=4, per_node=(3, 2), **h100)
+    with pytest.raises(ConfigError, match="do not spread evenly over 3 machines"):
+        Gpus.on_machines(nodes=3, count=4, **h100)
+
+
+def test_cli_plan_takes_true_cfg_nodes_and_a_cluster_spec(capsys):
+    from dist_backend.cli import main
+
+    flux = str(MODELS_DIR / "flux1-dev")
+    gpus = ["--gpus", "4", "--gpu-memory", "80GB", "--interconnect", "nvlink", "--json"]
+    assert main(["plan", "--model", flux, *gpus, "--true-cfg", "3", "--negative-prompt", "blurry"]) == 0
+    assert json.loads(capsys.readouterr().out)["cfg"] == 2
+    assert main(["plan", "--model", flux, *gpus, "--nodes", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy"] == "dp2×ulysses2"
+    assert main(["plan", "--model", flux, *gpus[2:], "--cluster", "local:2, 10.0.0.7:2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["strategy"] == "dp2×ulysses2" and out["gpus"] == 4
+    assert main(["plan", "--model", flux, *gpus, "--nodes", "3", "--cluster", "local:2, 10.0.0.7:2"]) == 2
+    assert "--nodes 3 but --cluster names 2 machines" in capsys.readouterr().err
+
+
 def test_pcie_and_tiny_sizes_warn_with_the_cause(facts):
     flux = facts["flux1-dev"]
     pcie = plan(model=flux, gpus=Gpus(count=2, memory=80 * GB, interconnect="pcie"), request=Request())
