@@ -13,10 +13,11 @@ import sys
 
 def main() -> int:
     from .join import ENV_DEVICE, ENV_FIRST_RANK
-    from .worker import ENV_LOCAL_GPUS, ENV_PARENT_PID, ENV_RANK
+    from .worker import ENV_LOCAL_GPUS, ENV_NODE_RANK, ENV_PARENT_PID, ENV_RANK
 
     local_rank = int(os.environ["LOCAL_RANK"])
     os.environ[ENV_RANK] = str(int(os.environ[ENV_FIRST_RANK]) + local_rank)
+    os.environ[ENV_NODE_RANK] = "1"
     os.environ[ENV_PARENT_PID] = str(os.getppid())
     if os.environ.get(ENV_DEVICE) == "cuda":
         os.environ[ENV_LOCAL_GPUS] = str(local_rank)  # this machine's GPU, not the global rank's index
