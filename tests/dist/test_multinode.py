@@ -268,3 +268,43 @@ def test_a_cut_link_is_a_node_lost_naming_the_node_within_the_heartbeat_and_the_
           f"{diff:.2e}")
     assert diff <= 1e-4
 
+
+
+def test_three_machines_dp_and_ulysses_equal_one_process_then_a_killed_node_is_named(
+        network, port, token_file, m1, m2, tiny_dirs, tiny_pipes):
+    """Head ranks 0–1, machine 1 rank 2, machine 2 rank 3: dp 2 × ulysses 2, so one Ulysses group is the head's and
+    the other spans the two joined machines (their attention exchange goes node to node). Then every process of
+    machine 2 (join, torchrun, rank) is SIGKILLed mid-denoise."""
+    cluster3 = cluster_of(network, port, token_file, f"local:2, {m1.address}:1, {m2.address}:1")
+    head = f"{network.head}:{port}"
+    m1.ensure_join(head, token_file)
+    m2.ensure_join(head, token_file)
+    session = Session(SessionConfig(world_size=4, dp=2, ulysses=2, threads_per_rank=1, host=network.head,
+                                    heartbeat_timeout_s=30.0), cluster=cluster3)
+    killed_at: list[float] = []
+
+    def kill_machine2(done: int, total: int) -> None:
+        if done >= 1 and not killed_at:
+            m2.kill_all()
+            killed_at.append(time.monotonic())
+
+    try:
+        t0 = time.monotonic()
+        latents, _ = generate(session, tiny_dirs["flux"], PROMPTS, seed=21)
+        seconds = time.monotonic() - t0
+        assert session.last_cp_modes and all(session.last_cp_modes), session.last_cp_modes
+        with pytest.raises(NodeLost) as lost:
+            generate(session, tiny_dirs["flux"], PROMPTS, seed=21, steps=400, on_progress=kill_machine2)
+        detected = time.monotonic() - killed_at[0]
+        assert lost.value.node == m2.address and lost.value.ranks == [3] and lost.value.silent_s is None
+        assert m2.address in str(lost.value) and detected < 5.0
+        assert not session.sidecar_pids()  # the head's ranks were stopped
+    finally:
+        session.close()
+    assert not m2.pids()
+    # Machine 1's rank lost its peers: it stopped, so did its torchrun; its join waits for the next session.
+    assert wait_until(m1.only_join_left, 20), [cmdline(p) for p in m1.pids()]
+    diff = float((latents - reference(tiny_pipes, PROMPTS, seed=21)).abs().max())
+    print(f"\n[measured] dp2 × ulysses2 over 3 namespaces: generate incl. start {seconds:.1f} s, max abs diff "
+          f"{diff:.2e}; machine 2 SIGKILLed: NodeLost after {detected:.2f} s")
+    assert diff <= 1e-4
