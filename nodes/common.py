@@ -23,11 +23,12 @@ class PipelineHandle:
     loras: tuple[tuple[str, float], ...] = ()
     """(file, strength) in chain order (DistDiffLoRA nodes append); the ranks hold exactly these for every stage."""
     files: object = None  # dist_backend.files.ModelFiles when the model was loaded from single files
+    cluster: object = None  # dist_backend.cluster.ClusterConfig when ranks on other machines join; None: this one
 
     def session(self):
         from ..dist_backend.session import get_session
 
-        session = get_session(self.config)
+        session = get_session(self.config, cluster=self.cluster)
         session.load(self.files if self.files is not None else self.model_dir)  # no-op when already loaded
         session.set_loras(self.loras)  # no-op when the ranks already hold exactly this set
         return session

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import parallel_inputs
+from . import cluster_inputs, parallel_inputs
 from .common import (CATEGORY, PIPELINE, PipelineHandle, comfy_should_cancel, folder_fingerprint, list_models,
                      resolve_model, run_cancellable)
 
@@ -11,7 +11,8 @@ class LoadSharded:
     DESCRIPTION = ("Loads a diffusers pipeline on a sidecar of rank processes (one per GPU, or CPU ranks) that "
                    "stays up between runs. Choose data parallel (dp), context parallel (ring / ulysses) or "
                    "device_map sharding (gpus_per_rank > 1), and CFG parallel (cfg = 2); the product dp × cfg × ring × "
-                   "ulysses × gpus_per_rank is the number of GPUs used.")
+                   "ulysses × gpus_per_rank is the number of GPUs used. With cluster, ranks on other machines "
+                   "(started there by python -m dist_backend join) join the sidecar.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPELINE,)
     RETURN_NAMES = ("pipeline",)
@@ -29,6 +30,7 @@ class LoadSharded:
                 **parallel_inputs.OPTIONAL,
                 "model_path": ("STRING", {"default": "",
                                           "tooltip": "Absolute path of a diffusers folder; overrides model when set."}),
+                **cluster_inputs.OPTIONAL,  # last: saved workflows list widget values by position
             },
         }
 
@@ -39,15 +41,16 @@ class LoadSharded:
         # handle (PipelineHandle.session restarts a dead or released sidecar), and the cached embeddings and latents
         # are plain CPU data that stay valid, so a restart must not re-run them.
         try:
-            return folder_fingerprint(resolve_model(model, model_path))
+            return folder_fingerprint(resolve_model(model, model_path)) + cluster_inputs.file_fingerprint()
         except Exception:  # noqa: BLE001 - a missing folder: load() raises the clear ModelError
             return float("nan")
 
     def load(self, model, model_path="", **settings):
         from ..dist_backend.session import get_session
 
-        config = parallel_inputs.session_config(settings)
+        cluster = cluster_inputs.cluster_config(settings)
+        config = cluster_inputs.with_cluster(parallel_inputs.session_config(settings), cluster)
         model_dir = resolve_model(model, model_path)
-        session = get_session(config)
+        session = get_session(config, cluster=cluster)
         info = run_cancellable(lambda: session.load(model_dir, should_cancel=comfy_should_cancel()))
-        return (PipelineHandle(config=config, model_dir=model_dir, family=info["family"]),)
+        return (PipelineHandle(config=config, model_dir=model_dir, family=info["family"], cluster=cluster),)
