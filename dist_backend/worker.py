@@ -123,7 +123,7 @@ def main() -> int:
     arena = Arena(int(os.environ[ENV_ARENA_FD])) if ENV_ARENA_FD in os.environ else None
 
     beater = Beater(channel, interval=beat_interval(config.heartbeat_timeout_s), gpus=beat_gpus)
-    engine = RankEngine(config=config, rank=rank, device=device, channel=channel, beater=beater)
+    engine = RankEngine(config=config, rank=rank, device=device, channel=channel, beater=beater, gpus=beat_gpus)
     channel.send(protocol.encode({"event": protocol.Event.READY, "rank": rank}))
     log.info("ready: %s, device %s, %d threads", config.strategy, device, torch.get_num_threads())
 
