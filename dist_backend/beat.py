@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 # Beats per heartbeat deadline: a rank under heavy CPU contention may be late for a few and still be in time.
 BEATS_PER_DEADLINE = 4
 MAX_INTERVAL_S = 5.0
+EXIT_HOST_GONE = 71  # worker.EXIT_PARENT_GONE is 70
 
 
 def beat_interval(heartbeat_timeout_s: float) -> float:
@@ -90,9 +92,13 @@ class Beater:
                 frame = protocol.encode(message)
                 try:
                     self._channel.send(frame)
-                except Exception:  # noqa: BLE001 - the host is gone: the main thread sees it and exits
-                    log.debug("beat not sent", exc_info=True)
-                    return
+                except Exception:  # noqa: BLE001 - the host is gone or unreachable
+                    # Nothing this call computes can be delivered any more. The main thread may be in a collective
+                    # with a peer that is gone too (a node whose link was cut) and would only leave it at the
+                    # collective timeout, so the process ends here.
+                    log.error("the host no longer takes beats (channel closed or unreachable); exiting")
+                    logging.shutdown()
+                    os._exit(EXIT_HOST_GONE)
 
     def _gpu_memory(self) -> list[int] | None:
         """[allocated, reserved] bytes of this rank's CUDA devices, or None if they cannot be read (a beat must

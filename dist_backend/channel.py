@@ -218,6 +218,22 @@ def client_connect(host: str, port: int, secret: bytes, *, timeout: float) -> Ch
     return Channel(sock)
 
 
+def fail_when_unreachable(sock: socket.socket, seconds: float) -> None:
+    """Make a connection to another machine fail within about `seconds` once the peer stops acknowledging (its link
+    removed, the machine off). Without this a node's rank waiting for its host behind a dead link would wait for
+    hours: TCP keepalive is off by default and a retransmission gives up after ~15 min. Idle: keepalive probes;
+    with data unacknowledged (beats): TCP_USER_TIMEOUT. Linux only (elsewhere the options do not exist: no-op).
+    Not for loopback: a host that stops reading for a while must not cut its local ranks off."""
+    if not all(hasattr(socket, name) for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT")):
+        return
+    interval = max(1, int(seconds / 6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(seconds / 3)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1000, int(seconds * 1000)))
+
+
 class Listener:
     """Host-side listening socket. Accepts only peers that pass the handshake; others are dropped and counted."""
 

@@ -233,21 +233,40 @@ def interface_of(address: str) -> str:
 
 # -- ranks that live on another machine ---------------------------------------------------------------------------
 class NodeLost(RankDied):
-    """A rank on another machine went away: its control channel closed (its processes died or were killed, or the
-    node's torchrun agent stopped), so its peers cannot go on."""
+    """Ranks on another machine went away. Either a control channel closed (the node's processes died or were
+    killed, or its torchrun agent stopped) or every message from the node stopped for heartbeat_timeout_s (its
+    link is down, or the machine froze): its peers cannot go on. Names the node and all of its ranks: they run or
+    fail together (one torchrun agent, one link)."""
 
-    def __init__(self, *, node: str, rank: int, phase: str) -> None:
-        SidecarError.__init__(
-            self,
-            f"rank {rank} on node {node} was lost during {phase}: its control channel closed (the node's processes "
-            "died or were killed, or its link went down). Every other rank was stopped; the next call waits for "
-            "the node to join again")
+    def __init__(self, *, node: str, ranks: tuple[int, ...] | list[int], rank: int, phase: str,
+                 silent_s: float | None = None) -> None:
         self.node = node
-        self.rank = rank
+        self.ranks = list(ranks)
+        self.rank = rank  # the rank seen lost first (the one whose channel closed, or the longest silent)
         self.phase = phase
+        self.silent_s = silent_s
+        """None: a channel closed. Else how long nothing came from the node (heartbeat_timeout_s or more)."""
         self.returncode = None  # its exit code is on the node
         self.detail = f"(its log is on node {node}, in the output of `python -m dist_backend join`)"
-        self.returncode = None
+        which = _rank_list(self.ranks)
+        if silent_s is None:
+            how = (f"rank {rank}'s control channel closed (the node's processes died or were killed, or its join "
+                   "stopped)")
+        else:
+            how = (f"nothing came from {which} for {silent_s:.1f} s (heartbeat_timeout_s): its link is down or the "
+                   "machine stopped")
+        SidecarError.__init__(
+            self,
+            f"node {node} ({which}) was lost during {phase}: {how}. Every other rank was stopped; the next call "
+            f"waits up to join_timeout_s for the node to join again")
+
+
+def _rank_list(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}–{ranks[-1]}"
+    return f"ranks {', '.join(map(str, ranks))}"
 
 
 class NodeTimeout(SidecarError, TimeoutError):

@@ -255,21 +255,36 @@ class SessionConfig:
         return cls(**data)
 
 
-def check_devices(config: SessionConfig) -> None:
-    """Checks that need the machine (not just the numbers): enough CUDA devices. Raises before any rank starts."""
+def check_devices(config: SessionConfig, *, local_ranks: int | None = None) -> None:
+    """Checks that need the machine (not just the numbers): enough CUDA devices. Raises before any rank starts.
+    `local_ranks`: how many of the ranks this machine starts (a cluster's head: its `local:N`); None = all."""
     if config.device is not Device.CUDA:
         return
     import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    need = config.world_size * config.gpus_per_rank
-    ids = config.gpu_ids or tuple(range(need))
+    check_device_count(config, count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                       local_ranks=local_ranks)
+    if config.dtype is DType.BFLOAT16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError("dtype='bfloat16' is not supported by this GPU; use 'float16' or 'float32'")
+
+
+def check_device_count(config: SessionConfig, *, count: int, local_ranks: int | None = None) -> None:
+    """Enough of this machine's `count` CUDA devices for the ranks it starts. With a cluster only the head's own
+    ranks count: each other machine's ranks use that machine's GPUs (join_rank gives them its local indices)."""
     if count == 0:
         raise ConfigError("device='cuda' but this machine has no usable CUDA device; use device='cpu'")
-    if max(ids) >= count:
+    ranks = config.world_size if local_ranks is None else local_ranks
+    ids = tuple(g for rank in range(ranks) for g in config.rank_gpus(rank))
+    if max(ids) < count:
+        return
+    need = ranks * config.gpus_per_rank
+    if local_ranks is None:
         raise ConfigError(
             f"world_size ({config.world_size}) × gpus_per_rank ({config.gpus_per_rank}) = {need} GPUs "
             f"(ids {list(ids)}), but this machine has {count}; lower world_size or gpus_per_rank"
         )
-    if config.dtype is DType.BFLOAT16 and not torch.cuda.is_bf16_supported():
-        raise ConfigError("dtype='bfloat16' is not supported by this GPU; use 'float16' or 'float32'")
+    raise ConfigError(
+        f"this machine's {ranks} of the {config.world_size} ranks (cluster `local:{ranks}`) × gpus_per_rank "
+        f"({config.gpus_per_rank}) = {need} GPUs (ids {list(ids)}), but it has {count}; give `local` fewer ranks "
+        "or lower gpus_per_rank"
+    )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import launcher, protocol
+from .beat import beat_interval
 from .channel import ChannelClosed, ChannelTimeout, FrameTooLarge, ProtocolError, wait_readable
 from .cluster import ClusterConfig, is_local
 from .config import SessionConfig
@@ -47,6 +48,8 @@ _CONTROL_SEND_S = 1.0
 CONTROL_FRAME_BYTES = 16 * 1024 * 1024 + 65536
 # How long a rank whose channel closed gets to be reaped, so the error can name it and its exit code or signal.
 _EXIT_WAIT_S = 2.0
+# Beats a rank may miss (one every beat.beat_interval) and still count as beating when a deadline is judged.
+_MISSED_BEATS = 2
 _POLL_S = 0.05
 
 
@@ -123,8 +126,8 @@ class Sidecar:
                     proc.channel.send(frame, timeout=cfg.heartbeat_timeout_s)
                 except ChannelTimeout:  # a stopped rank whose socket buffer is full takes nothing
                     self.broken = True
-                    raise RankTimeout(rank=proc.rank, phase=f"{op} (sending the call)", seconds=cfg.heartbeat_timeout_s,
-                                      setting="heartbeat_timeout_s") from None
+                    raise proc.unanswered(phase=f"{op} (sending the call)", seconds=cfg.heartbeat_timeout_s,
+                                          setting="heartbeat_timeout_s") from None
                 except ChannelClosed:  # the rank died between calls
                     self.broken = True
                     raise proc.died(phase=op, returncode=_wait_exit(proc.popen, _EXIT_WAIT_S)) from None
@@ -280,19 +283,26 @@ class Sidecar:
         return [results[p.rank] for p in procs]
 
     def _check_deadlines(self, op: str, pending, now: float, last_heard: dict, last_step: dict | None) -> None:
-        """RankTimeout for a rank that stopped beating (in any stage), or, in a stepped call, that beats but has
+        """A timeout for a rank that stopped beating (in any stage), or, in a stepped call, that beats but has
         made no step and loaded no weights for heartbeat_timeout_s (hung in a collective or between steps).
-        The silent rank named is the one heard from least recently: its peers waiting in a collective for it
-        reached the step it never did, so they spoke later."""
+        Which rank is named: one that stopped beating, if any (its peers beat on while they wait for it in a
+        collective, and stop stepping when it does, so the step clock alone may blame a waiter, even the head's
+        own rank when a node's link is cut); else the one heard from least recently (its peers waiting in a
+        collective for it reached the step it never did, so they spoke later). A node's rank that stopped beating
+        is NodeLost naming the node and all its ranks."""
         cfg = self.config
+        quiet = min(pending, key=lambda p: last_heard[p.rank])
+        quiet_s = now - last_heard[quiet.rank]
         for clock in (last_heard, last_step):
             if clock is None:
                 continue
-            silent = min(pending, key=lambda p: clock[p.rank])
-            if now - clock[silent.rank] > cfg.heartbeat_timeout_s:
+            late = min(pending, key=lambda p: clock[p.rank])
+            if now - clock[late.rank] > cfg.heartbeat_timeout_s:
                 self.broken = True
-                raise RankTimeout(rank=silent.rank, phase=op, seconds=cfg.heartbeat_timeout_s,
-                                  setting="heartbeat_timeout_s")
+                if quiet_s > _MISSED_BEATS * beat_interval(cfg.heartbeat_timeout_s):
+                    raise quiet.unanswered(phase=op, seconds=cfg.heartbeat_timeout_s, setting="heartbeat_timeout_s",
+                                           silent_s=quiet_s)
+                raise late.unanswered(phase=op, seconds=cfg.heartbeat_timeout_s, setting="heartbeat_timeout_s")
 
     def _first_error(self, op: str, errors: dict[int, dict]) -> Exception:
         """The one error to raise: the first real failure to arrive (a rank's peers that waited for it may report

@@ -8,11 +8,14 @@ exits, and join waits for the head's next session (unless --once).
 
 Who stops whom: the head closes a rank's channel -> the rank exits; the head closes the node's channel -> join stops
 torchrun if its ranks have not left within a grace; join dies -> torchrun gets SIGTERM (PR_SET_PDEATHSIG) -> torchrun
-stops its ranks; torchrun dies -> its ranks see their parent change and exit.
+stops its ranks; torchrun dies -> its ranks see their parent change and exit. The link to the head is cut -> the
+ranks' and join's connections fail within heartbeat_timeout_s (TCP keepalive and user timeout, see
+channel.fail_when_unreachable) -> the ranks exit, torchrun exits, join waits for the head again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -24,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from . import protocol
-from .channel import Channel, ChannelClosed, ChannelTimeout, client_connect
+from .channel import Channel, ChannelClosed, ChannelTimeout, client_connect, fail_when_unreachable
 from .cluster import interface_of, parse_address, read_token
 from .errors import ConfigError, ProtocolError
 
@@ -66,8 +69,6 @@ def run_join(*, head: str, token_file: str | Path, nproc: int, device: str | Non
 
 
 def _config_device(assignment: dict) -> str:
-    import json
-
     return json.loads(assignment["config"]).get("device", "cpu")
 
 
@@ -112,6 +113,8 @@ def _run_agent(channel: Channel, assignment: dict, *, token_path: Path, nproc: i
 
     first, world = int(assignment["first_rank"]), int(assignment["world_size"])
     own_address = channel.sock.getsockname()[0]
+    # A head behind a cut link never closes this channel: let the kernel fail it (then we stop torchrun).
+    fail_when_unreachable(channel.sock, float(json.loads(assignment["config"]).get("heartbeat_timeout_s", 60.0)))
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in assignment.get("env", [])})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from . import arena as arenas
 from .arena import Arena
-from .channel import Channel, ChannelTimeout, Listener, new_secret
+from .channel import Channel, ChannelClosed, ChannelTimeout, Listener, new_secret
 from .cluster import ClusterConfig, NodeLost, NodeTimeout, RemoteProcess, interface_of, is_local, read_token
 from .config import SessionConfig
-from .errors import ConfigError, ProtocolError, RankDied, RankTimeout
+from .errors import ConfigError, ProtocolError, RankDied, RankTimeout, SidecarError
 from . import protocol
 
 log = logging.getLogger(__name__)
@@ -60,18 +60,30 @@ class RankProcess:
         return RankDied(rank=self.rank, phase=phase, returncode=returncode,
                         detail=f"its log ({self.log_path}) ends with:\n{self.log_tail()}")
 
+    def unanswered(self, *, phase: str, seconds: float, setting: str, silent_s: float | None = None) -> SidecarError:
+        """The error for this rank missing a deadline. `silent_s`: how long nothing at all came from it, when it
+        also stopped beating (not only stepping)."""
+        return RankTimeout(rank=self.rank, phase=phase, seconds=seconds, setting=setting)
+
 
 @dataclass
 class RemoteRank(RankProcess):
     """A rank on another machine, started by that node's torchrun agent (see cluster.py and join.py)."""
 
     node: str = ""
+    node_ranks: tuple[int, ...] = ()
+    """Every rank of its node: they stop together (one agent, one link), so errors name them all."""
 
     def log_tail(self, lines: int = 15) -> str:
         return f"(its log is on node {self.node}, in the output of `python -m dist_backend join`)"
 
     def died(self, *, phase: str, returncode: int | None) -> RankDied:
-        return NodeLost(node=self.node, rank=self.rank, phase=phase)
+        return NodeLost(node=self.node, ranks=self.node_ranks, rank=self.rank, phase=phase)
+
+    def unanswered(self, *, phase: str, seconds: float, setting: str, silent_s: float | None = None) -> SidecarError:
+        if silent_s is not None:  # not even beats: the node's link or the machine, not a slow step
+            return NodeLost(node=self.node, ranks=self.node_ranks, rank=self.rank, phase=phase, silent_s=silent_s)
+        return RankTimeout(rank=self.rank, phase=f"{phase} on node {self.node}", seconds=seconds, setting=setting)
 
 
 @dataclass
@@ -263,7 +275,8 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig, *, clus
                 channel.close()
                 continue
             by_rank[rank] = RemoteRank(rank=rank, popen=RemoteProcess(pid=int(hello.get("pid", 0))),
-                                       log_path=launched.log_dir / f"rank{rank}.log", channel=channel, node=node.host)
+                                       log_path=launched.log_dir / f"rank{rank}.log", channel=channel, node=node.host,
+                                       node_ranks=tuple(node.ranks))
             launched.processes.append(by_rank[rank])
         pending.discard(rank)
     launched.processes.sort(key=lambda p: p.rank)  # callers index payloads by rank
@@ -276,7 +289,10 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig, *, clus
                 raise RankTimeout(rank=proc.rank, phase="start (process group)", seconds=config.start_timeout_s,
                                   setting="start_timeout_s")
             if proc.channel.poll(min(0.2, remaining)):
-                message = protocol.decode(proc.channel.recv(timeout=remaining))
+                try:
+                    message = protocol.decode(proc.channel.recv(timeout=remaining))
+                except ChannelClosed:  # a node's rank (whose exit we cannot see) or a local one about to be reaped
+                    raise proc.died(phase="start (process group)", returncode=proc.popen.poll()) from None
                 if message.get("event") == protocol.Event.READY:
                     break
 
@@ -317,7 +333,7 @@ def _check_nodes(launched: Launched, cluster: ClusterConfig | None, pending: set
             node = cluster.spec.node_at(host)
             missing = sorted(pending & set(node.ranks))
             if missing:
-                raise NodeLost(node=host, rank=missing[0], phase="start")
+                raise NodeLost(node=host, ranks=tuple(node.ranks), rank=missing[0], phase="start")
 
 
 def _write_secret(path: Path, secret: bytes) -> Path:

@@ -29,8 +29,11 @@ def cp_mode_of(transformer) -> str | None:
 
 
 class RankEngine:
-    def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel, beater=None) -> None:
+    def __init__(self, *, config: SessionConfig, rank: int, device: torch.device, channel, beater=None,
+                 gpus: tuple[int, ...] | None = None) -> None:
         self.config = config
+        # This machine's CUDA indices of the rank (a joined node numbers its own GPUs); None: config.rank_gpus.
+        self.gpus = config.rank_gpus(rank) if gpus is None else tuple(gpus)
         self.beater = beater  # beat.Beater: told when weights load (the host then expects no denoise step)
         self.rank = rank
         self.device = device
@@ -136,7 +139,7 @@ class RankEngine:
 
             if files_info is not None:  # the host refuses this before start (Session.load)
                 raise ConfigError("gpus_per_rank > 1 is not supported for models loaded from single files")
-            gpus = self.config.rank_gpus(self.rank)
+            gpus = self.gpus
             plan = plan_for_model(model_dir, config=self.config, adapter=self.adapter,
                                   budgets=rank_budgets(self.config, gpus), models=set(heavy))
             log.info("device_map plan:\n%s", plan.describe())

@@ -102,7 +102,7 @@ class Session:
             if self._sidecar is None or not self._sidecar.alive():
                 if self._sidecar is not None:
                     self._sidecar.close()
-                check_devices(self.config)
+                check_devices(self.config, local_ranks=self.cluster.spec.local_ranks if self.cluster else None)
                 with self._stage("start", state=SidecarState.STARTING):
                     t0 = time.monotonic()
                     self._sidecar = Sidecar(self.config, cluster=self.cluster)

@@ -24,6 +24,7 @@ ENV_HOST_PORT = "DISTDIFF_HOST_PORT"
 ENV_MASTER_PORT = "DISTDIFF_MASTER_PORT"
 ENV_PARENT_PID = "DISTDIFF_PARENT_PID"
 ENV_LOCAL_GPUS = "DISTDIFF_LOCAL_GPUS"  # set by join_rank: a joined node's GPU indices, not the global rank's
+ENV_NODE_RANK = "DISTDIFF_NODE_RANK"  # set by join_rank: this rank runs on a joined node, not on the head's machine
 
 EXIT_PARENT_GONE = 70
 log = logging.getLogger("dist_backend.worker")
@@ -80,11 +81,13 @@ def main() -> int:
 
     config = SessionConfig.from_json(os.environ[ENV_CONFIG])
     from . import protocol
-    from .channel import ChannelClosed, client_connect
+    from .channel import ChannelClosed, client_connect, fail_when_unreachable
 
     channel = client_connect(os.environ[ENV_HOST_ADDR], int(os.environ[ENV_HOST_PORT]), secret,
                              timeout=config.start_timeout_s)
     del secret
+    if ENV_NODE_RANK in os.environ:  # a node's rank: its host is on another machine, behind a link that may go
+        fail_when_unreachable(channel.sock, config.heartbeat_timeout_s)
     channel.send(protocol.encode({"event": protocol.Event.HELLO, "rank": rank, "pid": os.getpid()}))
 
     import torch
@@ -120,7 +123,7 @@ def main() -> int:
     arena = Arena(int(os.environ[ENV_ARENA_FD])) if ENV_ARENA_FD in os.environ else None
 
     beater = Beater(channel, interval=beat_interval(config.heartbeat_timeout_s), gpus=beat_gpus)
-    engine = RankEngine(config=config, rank=rank, device=device, channel=channel, beater=beater)
+    engine = RankEngine(config=config, rank=rank, device=device, channel=channel, beater=beater, gpus=beat_gpus)
     channel.send(protocol.encode({"event": protocol.Event.READY, "rank": rank}))
     log.info("ready: %s, device %s, %d threads", config.strategy, device, torch.get_num_threads())
 

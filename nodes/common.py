@@ -26,11 +26,12 @@ class PipelineHandle:
     plan: object = field(default=None, compare=False)
     """dist_backend.planning.auto.LoaderPlan: how the loader chose the layout; ParallelDenoise checks each request
     against it."""
+    cluster: object = None  # dist_backend.cluster.ClusterConfig when ranks on other machines join; None: this one
 
     def session(self):
         from ..dist_backend.session import get_session
 
-        session = get_session(self.config)
+        session = get_session(self.config, cluster=self.cluster)
         if self.plan is not None and session.status.snapshot.plan is None:
             session.status.set_plan(self.plan.summary())  # a sidecar started again for this handle
         session.load(self.files if self.files is not None else self.model_dir)  # no-op when already loaded

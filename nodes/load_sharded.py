@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import parallel_inputs
+from . import cluster_inputs, parallel_inputs
 from .common import (CATEGORY, PIPELINE, PLAN_OUTPUT, PipelineHandle, comfy_should_cancel, folder_fingerprint,
                      list_models, resolve_model, run_cancellable)
 
@@ -12,7 +12,8 @@ class LoadSharded:
                    "stays up between runs. Choose data parallel (dp), context parallel (ring / ulysses) or "
                    "device_map sharding (gpus_per_rank > 1), and CFG parallel (cfg = 2); the product dp × cfg × ring × "
                    "ulysses × gpus_per_rank is the number of GPUs used. strategy auto lets the planner choose them; the plan "
-                   "output says what was chosen (or how the degrees set by hand run) and why.")
+                   "output says what was chosen (or how the degrees set by hand run) and why. With cluster, ranks on "
+                   "other machines (started there by python -m dist_backend join) join the sidecar.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPELINE, PLAN_OUTPUT[0])  # appended, never inserted: API workflows link outputs by index
     RETURN_NAMES = ("pipeline", PLAN_OUTPUT[1])
@@ -31,6 +32,7 @@ class LoadSharded:
                 "model_path": ("STRING", {"default": "",
                                           "tooltip": "Absolute path of a diffusers folder; overrides model when set."}),
                 **parallel_inputs.AUTO,
+                **cluster_inputs.OPTIONAL,  # last: saved workflows list widget values by position
             },
         }
 
@@ -41,7 +43,7 @@ class LoadSharded:
         # handle (PipelineHandle.session restarts a dead or released sidecar), and the cached embeddings and latents
         # are plain CPU data that stay valid, so a restart must not re-run them.
         try:
-            return folder_fingerprint(resolve_model(model, model_path))
+            return folder_fingerprint(resolve_model(model, model_path)) + cluster_inputs.file_fingerprint()
         except Exception:  # noqa: BLE001 - a missing folder: load() raises the clear ModelError
             return float("nan")
 
@@ -49,9 +51,14 @@ class LoadSharded:
         from ..dist_backend.planning.model_facts import read_model_facts
         from ..dist_backend.session import get_session
 
+        cluster = cluster_inputs.cluster_config(settings)
         model_dir = resolve_model(model, model_path)
-        config, plan = parallel_inputs.planned_config(settings, facts=lambda: read_model_facts(model_dir))
-        session = get_session(config)
+        per_node = () if cluster is None else tuple(n.nproc for n in cluster.spec.nodes)
+        config, plan = parallel_inputs.planned_config(settings, facts=lambda: read_model_facts(model_dir),
+                                                      per_node=per_node)
+        config = cluster_inputs.with_cluster(config, cluster)
+        session = get_session(config, cluster=cluster)
         session.status.set_plan(plan.summary())
         info = run_cancellable(lambda: session.load(model_dir, should_cancel=comfy_should_cancel()))
-        return (PipelineHandle(config=config, model_dir=model_dir, family=info["family"], plan=plan), plan.text)
+        return (PipelineHandle(config=config, model_dir=model_dir, family=info["family"], plan=plan,
+                               cluster=cluster), plan.text)

@@ -1,21 +1,21 @@
-"""Ranks on another "machine": a Linux network namespace joined to this one by a veth pair (private addresses, no
-traffic leaves the host). The head (a Session in this test process, root namespace) listens on its veth address;
-`python -m dist_backend join` runs inside the namespace and starts the remote rank with torchrun.
+"""Ranks on other "machines": Linux network namespaces plugged into a bridge that holds the head's address (see
+tests/netns.py; private addresses, no traffic leaves the host). The head (a Session in this test process, root
+namespace) listens on the bridge; `python -m dist_backend join` runs inside each namespace and starts its ranks
+with torchrun.
 
 Needs root and `ip` (iproute2); skipped with the reason otherwise. Marked `multinode`."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -26,6 +26,7 @@ from dist_backend.pipelines.base import ImageRequest
 from dist_backend.session import Session
 
 from tests.dist.engine_cases import format_of
+from tests.netns import Machine, cmdline, make_network, output, wait_until, why_no_netns
 
 pytestmark = pytest.mark.multinode
 
@@ -33,42 +34,6 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS, GUIDANCE, SIZE = 2, 3.5, dict(height=64, width=64)
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 TAG = os.getpid() % 10000
-NS = f"distdiff-node-{TAG}"
-SUBNET = f"10.231.{TAG % 250}"
-HEAD, NODE = f"{SUBNET}.1", f"{SUBNET}.2"
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
-
-def _why_no_netns() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root"
-    if shutil.which("ip") is None:
-        return "iproute2's `ip` is not installed"
-    return None
-
-
-def ns_pids() -> list[int]:
-    out = _ip("netns", "pids", NS, check=False).stdout.split()
-    return [int(p) for p in out if psutil.pid_exists(int(p))
-            and psutil.Process(int(p)).status() != psutil.STATUS_ZOMBIE]
-
-
-def remote_ranks() -> list[int]:
-    """The node's rank processes (not its torchrun agent, whose command line names the module too)."""
-    return [p for p in ns_pids() if "dist_backend.join_rank" in _cmdline(p) and "torch.distributed.run" not in
-            _cmdline(p)]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        return ""
 
 
 def listening(pids: list[int], *, namespace: str | None) -> list[str]:
@@ -79,40 +44,27 @@ def listening(pids: list[int], *, namespace: str | None) -> list[str]:
             if any(f"pid={pid}," in line for pid in pids)]
 
 
-def wait_until(predicate, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    """Two extra "machines" on the head's bridge, for the whole module (each test starts the joins it needs)."""
+    why = why_no_netns()
+    if why:
+        pytest.skip(why)
+    net = make_network(tag=TAG, machines=2, log_dir=tmp_path_factory.mktemp("joins"))
+    try:
+        yield net
+    finally:
+        net.close()
 
 
 @pytest.fixture(scope="module")
-def netns():
-    """One extra "machine": namespace NS with NODE on its end of a veth pair, HEAD on ours."""
-    why = _why_no_netns()
-    if why:
-        pytest.skip(why)
-    host_if, node_if = f"ddh{TAG}", f"ddn{TAG}"
-    _ip("netns", "add", NS)
-    try:
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", node_if)
-        _ip("link", "set", node_if, "netns", NS)
-        _ip("addr", "add", f"{HEAD}/24", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", NS, "addr", "add", f"{NODE}/24", "dev", node_if)
-        _ip("-n", NS, "link", "set", node_if, "up")
-        _ip("-n", NS, "link", "set", "lo", "up")  # torchrun's own rendezvous runs on the node's loopback
-        yield NS
-    finally:
-        for pid in ns_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _ip("netns", "del", NS, check=False)  # removes the veth pair with it
-        _ip("link", "del", host_if, check=False)
+def m1(network) -> Machine:
+    return network.machines[0]
+
+
+@pytest.fixture(scope="module")
+def m2(network) -> Machine:
+    return network.machines[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,33 +73,27 @@ def token_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(netns, token_file) -> ClusterConfig:
+def port(network) -> int:
+    """The head's listen port for every cluster of the module: one serving `join` per machine serves them all."""
     with socket.socket() as s:
-        s.bind((HEAD, 0))
-        port = s.getsockname()[1]
-    return ClusterConfig(spec=parse_cluster(f"local:1, {NODE}:1"), listen_host=HEAD, listen_port=port,
-                         token_file=token_file, join_timeout_s=120.0)
+        s.bind((network.head, 0))
+        return s.getsockname()[1]
 
 
-def start_join(cluster: ClusterConfig, token: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["ip", "netns", "exec", NS, sys.executable, "-m", "dist_backend", "join",
-         "--head", f"{HEAD}:{cluster.listen_port}", "--token-file", str(token), "--nproc-per-node", "1", *extra],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), DISTDIFF_LOG_LEVEL="INFO"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def cluster_of(network, port: int, token_file: Path, spec: str, **kwargs) -> ClusterConfig:
+    return ClusterConfig(spec=parse_cluster(spec), listen_host=network.head, listen_port=port, token_file=token_file,
+                         **{"join_timeout_s": 120.0, **kwargs})
 
 
 @pytest.fixture(scope="module")
-def node(cluster, token_file):
-    """The node's `join`, serving one head session after another for the whole module."""
-    join = start_join(cluster, token_file, "--wait", "300")
-    yield join
-    if join.poll() is None:
-        join.send_signal(signal.SIGTERM)
-        try:
-            join.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            join.kill()
+def cluster(network, port, token_file, m1) -> ClusterConfig:
+    return cluster_of(network, port, token_file, f"local:1, {m1.address}:1")
+
+
+@pytest.fixture
+def node(network, port, token_file, m1):
+    """Machine 1's `join`, serving one head session after another (kept across tests while it runs)."""
+    return m1.ensure_join(f"{network.head}:{port}", token_file)
 
 
 def session_for(cluster: ClusterConfig, **kwargs) -> Session:
@@ -169,10 +115,11 @@ def generate(session: Session, model_dir, prompts, *, seed: int, steps: int = ST
                             **SIZE, **kwargs)
 
 
-def test_dp2_across_machines_equals_one_process_and_a_wrong_token_is_refused(cluster, node, tiny_dirs, tiny_pipes,
-                                                                            tmp_path):
+def test_dp2_across_machines_equals_one_process_and_a_wrong_token_is_refused(cluster, node, m1, tiny_dirs,
+                                                                            tiny_pipes, tmp_path):
     wrong = write_token(tmp_path / "wrong.token")
-    intruder = start_join(cluster, wrong, "--once", "--wait", "60")  # retries until the head listens, then refused
+    # Retries until the head listens, then is refused.
+    intruder = m1.start_join(f"{cluster.listen_host}:{cluster.listen_port}", wrong, "--once", "--wait", "60")
     session = session_for(cluster)
     t0 = time.monotonic()
     try:
@@ -180,7 +127,8 @@ def test_dp2_across_machines_equals_one_process_and_a_wrong_token_is_refused(clu
         seconds = time.monotonic() - t0
     finally:
         session.close()
-    out, _ = intruder.communicate(timeout=60)
+    intruder.wait(timeout=60)
+    out = output(intruder)
     assert intruder.returncode == 3, out
     assert "token" in out and wrong.read_text().strip() not in out
     diff = float((latents - reference(tiny_pipes, PROMPTS, seed=5)).abs().max())
@@ -189,7 +137,7 @@ def test_dp2_across_machines_equals_one_process_and_a_wrong_token_is_refused(clu
 
 
 def test_ulysses2_a_killed_remote_rank_is_named_then_the_node_rejoins_and_equals_one_process(
-        cluster, node, token_file, tiny_dirs, tiny_pipes):
+        cluster, node, m1, token_file, tiny_dirs, tiny_pipes):
     heartbeat = 10.0
     token = token_file.read_text().strip()
     session = session_for(cluster, ulysses=2, heartbeat_timeout_s=heartbeat)
@@ -197,7 +145,7 @@ def test_ulysses2_a_killed_remote_rank_is_named_then_the_node_rejoins_and_equals
 
     def kill_remote_rank(done: int, total: int) -> None:
         if done >= 1 and not killed_at:
-            for pid in remote_ranks():
+            for pid in m1.ranks():
                 os.kill(pid, signal.SIGKILL)  # only the rank: its torchrun agent must notice and leave by itself
             killed_at.append(time.monotonic())
 
@@ -205,43 +153,41 @@ def test_ulysses2_a_killed_remote_rank_is_named_then_the_node_rejoins_and_equals
         with pytest.raises(NodeLost) as lost:
             generate(session, tiny_dirs["flux"], PROMPTS[:1], seed=9, steps=400, on_progress=kill_remote_rank)
         detected = time.monotonic() - killed_at[0]
-        assert lost.value.node == NODE and lost.value.rank == 1 and NODE in str(lost.value)
+        assert lost.value.node == m1.address and lost.value.rank == 1 and lost.value.ranks == [1]
+        assert m1.address in str(lost.value) and lost.value.silent_s is None
         assert detected < heartbeat
         assert not session.sidecar_pids()  # the head's own rank was stopped
         # The node's torchrun saw its rank die and exited; join waits for the head's next session.
-        assert wait_until(lambda: all("dist_backend join" in _cmdline(p) for p in ns_pids()), 20), \
-            [_cmdline(p) for p in ns_pids()]
+        assert wait_until(m1.only_join_left, 20), [cmdline(p) for p in m1.pids()]
         # The next call starts a fresh sidecar, the node joins it again, and the result is the one-process result.
         t0 = time.monotonic()
         latents, _ = generate(session, tiny_dirs["flux"], PROMPTS[:1], seed=9)
         rejoin = time.monotonic() - t0
         assert session.last_cp_modes and all(session.last_cp_modes), session.last_cp_modes
         # The node's join, torchrun agent and rank are all up now: the token is on no command line or environment.
-        pids = ns_pids()
-        names = [_cmdline(pid) for pid in pids]
-        assert remote_ranks() and any("torch.distributed.run" in n for n in names)
+        pids = m1.pids()
+        names = [cmdline(pid) for pid in pids]
+        assert m1.ranks() and any("torch.distributed.run" in n for n in names)
         for pid in pids + session.sidecar_pids() + [os.getpid()]:
-            assert token not in _cmdline(pid)
+            assert token not in cmdline(pid)
             assert token.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
         # Every socket our ranks listen on is on the named network: the head's rank (its store, gloo) on HEAD, the
         # node's rank (gloo) on NODE. torchrun's agent listens on every interface (torch's TCPStore; documented).
         head_rank = listening(session.sidecar_pids(), namespace=None)
-        node_rank = listening(remote_ranks(), namespace=NS)
-        assert head_rank and all(a == HEAD for a in head_rank), head_rank
-        assert node_rank and all(a == NODE for a in node_rank), node_rank
+        node_rank = listening(m1.ranks(), namespace=m1.ns)
+        assert head_rank and all(a == cluster.listen_host for a in head_rank), head_rank
+        assert node_rank and all(a == m1.address for a in node_rank), node_rank
     finally:
         session.close()
     # Closing the head's channels is what releases the remote rank too: the node is back to waiting, alone.
-    assert wait_until(lambda: all("dist_backend join" in _cmdline(p) for p in ns_pids()), 20), \
-        [_cmdline(p) for p in ns_pids()]
+    assert wait_until(m1.only_join_left, 20), [cmdline(p) for p in m1.pids()]
     diff = float((latents - reference(tiny_pipes, PROMPTS[:1], seed=9)).abs().max())
     print(f"\n[measured] ulysses2, remote rank SIGKILLed mid-denoise: NodeLost after {detected:.2f} s; "
           f"rejoin + generate {rejoin:.1f} s, max abs diff vs one process {diff:.2e}")
     assert diff <= 1e-4
     # Stopping join stops everything it started: nothing is left in the namespace.
-    node.send_signal(signal.SIGTERM)
-    node.wait(timeout=15)
-    assert wait_until(lambda: not ns_pids(), 15), [_cmdline(p) for p in ns_pids()]
+    m1.stop_join()
+    assert wait_until(lambda: not m1.pids(), 15), [cmdline(p) for p in m1.pids()]
 
 
 def test_a_node_that_never_joins_is_named_and_a_join_from_elsewhere_is_refused(tmp_path, tiny_dirs):
@@ -273,3 +219,92 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_cut_link_is_a_node_lost_naming_the_node_within_the_heartbeat_and_the_next_run_waits_for_the_node(
+        cluster, node, m1, tiny_dirs, tiny_pipes):
+    """Ulysses 2 across the machines; the node's cable is pulled (its veth pair removed) at step 1 of 400. Nothing
+    closes: only the silence tells. The head must name the node, not its own rank that waits for it in a
+    collective; the node's rank and torchrun must leave by themselves; the next run waits for the node."""
+    heartbeat = 6.0
+    session = session_for(cluster, ulysses=2, heartbeat_timeout_s=heartbeat)
+    cut_at: list[float] = []
+
+    def cut(done: int, total: int) -> None:
+        if done >= 1 and not cut_at:
+            m1.unplug()
+            cut_at.append(time.monotonic())
+
+    replug = threading.Timer(3.0, m1.plug)
+    try:
+        with pytest.raises(NodeLost) as lost:
+            generate(session, tiny_dirs["flux"], PROMPTS[:1], seed=13, steps=400, on_progress=cut)
+        detected = time.monotonic() - cut_at[0]
+        assert lost.value.node == m1.address and lost.value.ranks == [1], str(lost.value)
+        # Named at the deadline: silent for (about) a heartbeat; the rest is stopping the head's rank (1 s grace).
+        assert lost.value.silent_s > heartbeat / 2 and "link is down" in str(lost.value)
+        assert detected <= heartbeat + 2.5, detected
+        assert not session.sidecar_pids()  # the head's own rank was stopped
+        # The node's connections to the head fail within about a heartbeat (keepalive, TCP user timeout): its rank
+        # and torchrun leave, join waits for the head again.
+        assert wait_until(m1.only_join_left, 3 * heartbeat), [cmdline(p) for p in m1.pids()]
+        left = time.monotonic() - cut_at[0]
+        # The next run waits for the node: its cable goes back in 3 s after the run started.
+        t0 = time.monotonic()
+        replug.start()
+        latents, _ = generate(session, tiny_dirs["flux"], PROMPTS[:1], seed=13)
+        waited = time.monotonic() - t0
+        assert waited > 3.0 and session.last_cp_modes and all(session.last_cp_modes)
+    finally:
+        replug.cancel()
+        if replug.ident is not None:
+            replug.join()
+        session.close()
+        if not m1.plugged:
+            m1.plug()
+    diff = float((latents - reference(tiny_pipes, PROMPTS[:1], seed=13)).abs().max())
+    print(f"\n[measured] ulysses2, link cut mid-denoise (heartbeat {heartbeat:g} s): NodeLost after {detected:.2f} s; "
+          f"node's rank and torchrun gone after {left:.1f} s; next run incl. rejoin {waited:.1f} s, max abs diff "
+          f"{diff:.2e}")
+    assert diff <= 1e-4
+
+
+
+def test_three_machines_dp_and_ulysses_equal_one_process_then_a_killed_node_is_named(
+        network, port, token_file, m1, m2, tiny_dirs, tiny_pipes):
+    """Head ranks 0–1, machine 1 rank 2, machine 2 rank 3: dp 2 × ulysses 2, so one Ulysses group is the head's and
+    the other spans the two joined machines (their attention exchange goes node to node). Then every process of
+    machine 2 (join, torchrun, rank) is SIGKILLed mid-denoise."""
+    cluster3 = cluster_of(network, port, token_file, f"local:2, {m1.address}:1, {m2.address}:1")
+    head = f"{network.head}:{port}"
+    m1.ensure_join(head, token_file)
+    m2.ensure_join(head, token_file)
+    session = Session(SessionConfig(world_size=4, dp=2, ulysses=2, threads_per_rank=1, host=network.head,
+                                    heartbeat_timeout_s=30.0), cluster=cluster3)
+    killed_at: list[float] = []
+
+    def kill_machine2(done: int, total: int) -> None:
+        if done >= 1 and not killed_at:
+            m2.kill_all()
+            killed_at.append(time.monotonic())
+
+    try:
+        t0 = time.monotonic()
+        latents, _ = generate(session, tiny_dirs["flux"], PROMPTS, seed=21)
+        seconds = time.monotonic() - t0
+        assert session.last_cp_modes and all(session.last_cp_modes), session.last_cp_modes
+        with pytest.raises(NodeLost) as lost:
+            generate(session, tiny_dirs["flux"], PROMPTS, seed=21, steps=400, on_progress=kill_machine2)
+        detected = time.monotonic() - killed_at[0]
+        assert lost.value.node == m2.address and lost.value.ranks == [3] and lost.value.silent_s is None
+        assert m2.address in str(lost.value) and detected < 5.0
+        assert not session.sidecar_pids()  # the head's ranks were stopped
+    finally:
+        session.close()
+    assert not m2.pids()
+    # Machine 1's rank lost its peers: it stopped, so did its torchrun; its join waits for the next session.
+    assert wait_until(m1.only_join_left, 20), [cmdline(p) for p in m1.pids()]
+    diff = float((latents - reference(tiny_pipes, PROMPTS, seed=21)).abs().max())
+    print(f"\n[measured] dp2 × ulysses2 over 3 namespaces: generate incl. start {seconds:.1f} s, max abs diff "
+          f"{diff:.2e}; machine 2 SIGKILLed: NodeLost after {detected:.2f} s")
+    assert diff <= 1e-4

@@ -135,3 +135,28 @@ def test_a_listen_address_this_machine_does_not_have_is_refused(tmp_path):
     cluster = _cluster(tmp_path, spec="local:1, 10.0.0.7:1", listen_host="192.0.2.1")  # TEST-NET-1: never ours
     with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1:29600"):
         launch(SessionConfig(world_size=2, host="192.0.2.1"), cluster=cluster)
+
+
+def test_a_cuda_head_counts_only_its_own_ranks_gpus():
+    """`local:2, 10.0.0.7:4` on a 2-GPU head: the head starts ranks 0–1 only, the node's 4 ranks use its own GPUs."""
+    from dist_backend.config import check_device_count
+    from dist_backend.join_rank import node_gpus
+
+    config = SessionConfig(world_size=6, ulysses=2, device="cuda", dtype="float32", host="10.0.0.1")
+    check_device_count(config, count=2, local_ranks=2)  # enough: 2 local ranks × 1 GPU
+    with pytest.raises(ConfigError, match=r"world_size \(6\) × gpus_per_rank \(1\) = 6 GPUs \(ids \[0, 1, 2, 3, 4, 5\]\), "
+                                          r"but this machine has 2"):
+        check_device_count(config, count=2)  # without a cluster every rank is local
+    with pytest.raises(ConfigError, match=r"this machine's 2 of the 6 ranks \(cluster `local:2`\) × gpus_per_rank "
+                                          r"\(1\) = 2 GPUs \(ids \[0, 1\]\), but it has 1; give `local` fewer ranks"):
+        check_device_count(config, count=1, local_ranks=2)
+    sharded = SessionConfig(world_size=3, gpus_per_rank=2, device="cuda", dtype="float32", host="10.0.0.1")
+    with pytest.raises(ConfigError, match=r"this machine's 2 of the 3 ranks .* = 4 GPUs \(ids \[0, 1, 2, 3\]\), but it "
+                                          r"has 3"):
+        check_device_count(sharded, count=3, local_ranks=2)
+    check_device_count(sharded, count=2, local_ranks=1)
+    with pytest.raises(ConfigError, match="no usable CUDA device"):
+        check_device_count(config, count=0, local_ranks=2)
+    # On a node, its ranks number that machine's GPUs from 0, in blocks of gpus_per_rank.
+    assert [node_gpus(r, gpus_per_rank=1) for r in range(4)] == [(0,), (1,), (2,), (3,)]
+    assert [node_gpus(r, gpus_per_rank=2) for r in range(2)] == [(0, 1), (2, 3)]
