@@ -9,8 +9,9 @@ Architecture configs come from small json files shipped with the pack (`pipeline
 like a diffusers folder without weights) or from any diffusers-layout folder given as `configs`; tokenizers
 from the ComfyUI install (its `comfy/` folder bundles them) or from a diffusers folder. Nothing is downloaded.
 
-Supported now: Flux (FLUX.1 dev / schnell). Qwen-Image and Wan files are recognised (so a wrong file gets a
-clear message) but refused with UnsupportedError: load those from a diffusers folder.
+Supported now: Flux (FLUX.1 dev / schnell) and Wan 2.1 text-to-video (1.3B, 14B; `wan_layout`). Qwen-Image
+files are recognised (so a wrong file gets a clear message) but refused with UnsupportedError: load those from a
+diffusers folder.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from ..errors import ConfigError, ModelError, UnsupportedError
 from ..pipelines import Family, _component_config, _read_json
 from .detect import DESCRIPTIONS, FileInfo, FileKind, count_blocks, inspect_file
+from .wan_checks import SPIECE_KEY, shipped_wan_model, wan_shape_checks
 
 CONFIGS_ROOT = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
@@ -49,7 +51,7 @@ PARTS: dict[Family, dict[str, tuple[FileKind, ...]]] = {
     Family.WAN: {"transformer": (FileKind.WAN_TRANSFORMER,), "text_encoder": (FileKind.UMT5_ENCODER,),
                  "vae": (FileKind.WAN_VAE,)},
 }
-SUPPORTED = (Family.FLUX,)
+SUPPORTED = (Family.FLUX, Family.WAN)
 # What users call each part (ComfyUI's folder and the usual file), for messages.
 PART_HINTS = {
     "transformer": "the diffusion model (models/diffusion_models, e.g. flux1-dev.safetensors)",
@@ -62,7 +64,11 @@ _TOKENIZER_DIRS = {
     "tokenizer": ("tokenizer", "comfy/sd1_tokenizer", "sd1_tokenizer"),
     "tokenizer_2": ("tokenizer_2", "comfy/text_encoders/t5_tokenizer", "text_encoders/t5_tokenizer"),
 }
-_TOKENIZER_OF = {Family.FLUX: {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}}
+# Per family, where a name's folders differ from _TOKENIZER_DIRS (Wan's UMT5 tokenizer is called "tokenizer" in
+# a diffusers folder, but ComfyUI bundles none: it reads the one inside the umt5_xxl file, see _find_tokenizers).
+_TOKENIZER_DIRS_OF = {Family.WAN: {"tokenizer": ("tokenizer",)}}
+_TOKENIZER_OF = {Family.FLUX: {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"},
+                 Family.WAN: {"text_encoder": "tokenizer"}}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,7 +181,7 @@ def read_files_config(files: ModelFiles) -> dict:
     configs_dir = Path(files.configs) if files.configs else CONFIGS_ROOT / _shipped_model(family, infos)
     model_index, components = _read_configs(configs_dir, parts=list(expected))
     _check_shapes(family, infos, components, configs_dir)
-    tokenizers = _find_tokenizers(family, files, configs_dir)
+    tokenizers = _find_tokenizers(family, files, configs_dir, infos)
     return {"family": family, "class_name": model_index["_class_name"], "model_dir": files.key,
             "model_index": model_index, "components": components, "models": list(expected),
             "files": {part: info.to_message() for part, info in infos.items()}, "tokenizers": tokenizers,
@@ -188,6 +194,8 @@ def _shipped_model(family: Family, infos: dict[str, FileInfo]) -> str:
         guidance = "guidance_in.in_layer.weight" in shapes or \
             "time_text_embed.guidance_embedder.linear_1.weight" in shapes
         return "flux-dev" if guidance else "flux-schnell"
+    if family is Family.WAN:
+        return shipped_wan_model(infos)
     raise AssertionError(family)
 
 
@@ -216,6 +224,19 @@ def _mismatch(info: FileInfo, what: str, found, config_value, configs_dir: Path)
 
 def _check_shapes(family: Family, infos: dict[str, FileInfo], components: dict, configs_dir: Path) -> None:
     """The few shapes that fix each architecture, against the configs (so a wrong file fails here, not on a rank)."""
+    if family is Family.WAN:
+        groups = wan_shape_checks(infos, components)
+    else:
+        groups = _flux_shape_checks(infos, components)
+    for info, group in groups:
+        for what, found, want in group:
+            found = tuple(found) if isinstance(found, (list, tuple)) else found
+            want = tuple(want) if isinstance(want, (list, tuple)) else want
+            if found != want:
+                raise _mismatch(info, what, found, want, configs_dir)
+
+
+def _flux_shape_checks(infos: dict[str, FileInfo], components: dict) -> list:
     t, cfg = infos["transformer"], components["transformer"]
     inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     if t.kind is FileKind.FLUX_TRANSFORMER_BFL:
@@ -241,20 +262,22 @@ def _check_shapes(family: Family, infos: dict[str, FileInfo], components: dict, 
     e, ecfg = infos["text_encoder_2"], components["text_encoder_2"]
     checks_e = (("shared embedding shape", e.shapes.get("shared.weight"), (ecfg["vocab_size"], ecfg["d_model"])),
                 ("number of blocks", count_blocks(e.shapes, "encoder.block"), ecfg["num_layers"]))
-    for info, group in ((t, checks), (v, checks_v), (c, checks_c), (e, checks_e)):
-        for what, found, want in group:
-            found = tuple(found) if isinstance(found, (list, tuple)) else found
-            want = tuple(want) if isinstance(want, (list, tuple)) else want
-            if found != want:
-                raise _mismatch(info, what, found, want, configs_dir)
+    return [(t, checks), (v, checks_v), (c, checks_c), (e, checks_e)]
 
 
-def _find_tokenizers(family: Family, files: ModelFiles, configs_dir: Path) -> dict[str, str]:
+def _find_tokenizers(family: Family, files: ModelFiles, configs_dir: Path,
+                     infos: dict[str, FileInfo]) -> dict[str, str]:
+    """{tokenizer name: folder, or the text-encoder file that carries it}."""
     roots = [Path(files.tokenizers)] if files.tokenizers else [configs_dir]
     found = {}
     for part, name in _TOKENIZER_OF[family].items():
+        if SPIECE_KEY in infos[part].shapes:
+            # As ComfyUI does: the file's own tokenizer (umt5_xxl files carry it), which cannot be the wrong one.
+            found[name] = infos[part].path
+            continue
+        dirs = _TOKENIZER_DIRS_OF.get(family, {}).get(name) or _TOKENIZER_DIRS[name]
         for root in roots:
-            for rel in _TOKENIZER_DIRS[name]:
+            for rel in dirs:
                 folder = root / rel
                 if folder.is_dir() and (any(folder.glob("tokenizer*.json")) or (folder / "vocab.json").is_file()):
                     found[name] = str(folder)
@@ -263,7 +286,12 @@ def _find_tokenizers(family: Family, files: ModelFiles, configs_dir: Path) -> di
                 break
         if name not in found:
             where = str(roots[0])
+            if family is Family.WAN:
+                raise ModelError(f"no {name} for {part}: {infos[part].path!r} does not carry one (no "
+                                 f"{SPIECE_KEY!r} tensor, as ComfyUI's umt5_xxl files have) and {where!r} has no "
+                                 f"{', '.join(dirs)} folder. Use ComfyUI's umt5_xxl file, or give tokenizers = a "
+                                 "diffusers folder of Wan")
             raise ModelError(f"no {name} (for {part}) in {where!r}: expected one of "
-                             f"{', '.join(_TOKENIZER_DIRS[name])} there. Give tokenizers = the ComfyUI folder (its "
+                             f"{', '.join(dirs)} there. Give tokenizers = the ComfyUI folder (its "
                              "comfy/ folder bundles the tokenizers) or a diffusers folder of the model")
     return found

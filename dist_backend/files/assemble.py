@@ -17,13 +17,16 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from ..pipelines import Family
 from .detect import SCALED_FP8_KEY, FileKind
 
 log = logging.getLogger(__name__)
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Tensors some real files carry that the transformers model has no place for (CLIP-L's projection head).
-_IGNORED = {FileKind.CLIP_TEXT: ("text_projection.weight", "logit_scale", "embeddings.position_ids")}
+# ComfyUI's umt5_xxl files also carry their tokenizer (a sentencepiece model as a uint8 tensor).
+_IGNORED = {FileKind.CLIP_TEXT: ("text_projection.weight", "logit_scale", "embeddings.position_ids"),
+            FileKind.UMT5_ENCODER: ("spiece_model",)}
 
 
 # Layers that keep the compute dtype under `weights: fp8`: the small input embedders and the output layers, as
@@ -96,16 +99,21 @@ def _check_no_meta(model: torch.nn.Module, path: str) -> None:
         raise ModelError(f"{path!r} lacks tensors {left[:5]}; the file is of another model version or damaged")
 
 
-def load_transformer(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel
+def load_transformer(info: dict, *, dtype: torch.dtype, part: str = "transformer") -> torch.nn.Module:
+    """The diffusion model (`part`: transformer, or Wan 2.2's second expert transformer_2)."""
+    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
     from .flux_layout import flux_to_diffusers
+    from .wan_layout import wan_transformer_to_diffusers
 
-    file = info["files"]["transformer"]
+    file = info["files"][part]
     state = dequantise(read_state(file), dtype=dtype)
+    cls = FluxTransformer2DModel
     if file["kind"] == FileKind.FLUX_TRANSFORMER_BFL.value:
         state = flux_to_diffusers(state, path=file["path"])
-    model = _empty(lambda: FluxTransformer2DModel.from_config(info["components"]["transformer"]))
+    elif file["kind"] == FileKind.WAN_TRANSFORMER.value:
+        cls, state = WanTransformer3DModel, wan_transformer_to_diffusers(state)
+    model = _empty(lambda: cls.from_config(info["components"][part]))
     _fill(model, state, path=file["path"])
     _check_no_meta(model, file["path"])
     model.eval().requires_grad_(False)  # built, not loaded by from_pretrained: train mode would keep dropout on
@@ -115,15 +123,21 @@ def load_transformer(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_vae(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from .wan_layout import wan_vae_to_diffusers
 
     file = info["files"]["vae"]
     config = info["components"]["vae"]
     state = dequantise(read_state(file), dtype=dtype)
+    cls = AutoencoderKL
     if file["kind"] == FileKind.LDM_VAE.value:
         state = convert_ldm_vae_checkpoint(state, dict(config))
-    model = _empty(lambda: AutoencoderKL.from_config(config))
+    elif file["kind"] == FileKind.WAN_VAE.value:
+        cls = AutoencoderKLWan
+        state = wan_vae_to_diffusers(state, num_res_blocks=config["num_res_blocks"], path=file["path"])
+    model = _empty(lambda: cls.from_config(config))
     _fill(model, state, path=file["path"])
     _check_no_meta(model, file["path"])
     return model.eval().requires_grad_(False)
@@ -139,13 +153,15 @@ def load_text_encoder(info: dict, part: str, *, dtype: torch.dtype) -> torch.nn.
         cls, config = transformers.CLIPTextModel, transformers.CLIPTextConfig(**config_dict)
     elif kind is FileKind.T5_ENCODER:
         cls, config = transformers.T5EncoderModel, transformers.T5Config(**config_dict)
+    elif kind is FileKind.UMT5_ENCODER:
+        cls, config = transformers.UMT5EncoderModel, transformers.UMT5Config(**config_dict)
     else:
         raise AssertionError(kind)
     state = dequantise(read_state(file), dtype=dtype)
     for name in _IGNORED.get(kind, ()):
         state.pop(name, None)
     model = _empty(lambda: cls(config))
-    # T5 files keep the embedding once (shared.weight); the encoder's copy is tied to it below.
+    # T5 / UMT5 files keep the embedding once (shared.weight); the encoder's copy is tied to it below.
     _fill(model, state, path=file["path"], allow_missing=("encoder.embed_tokens.weight",))
     model.tie_weights()
     _check_no_meta(model, file["path"])
@@ -163,7 +179,11 @@ def load_tokenizers(info: dict) -> dict[str, Any]:
 
     out = {}
     for name, folder in info["tokenizers"].items():
-        if name == "tokenizer":
+        if folder.endswith(".safetensors"):  # the text-encoder file carries its own tokenizer (ComfyUI's umt5_xxl)
+            out[name] = _file_tokenizer(info, folder)
+        elif info["family"] == Family.WAN:
+            out[name] = transformers.AutoTokenizer.from_pretrained(folder)
+        elif name == "tokenizer":
             # ComfyUI's CLIP tokenizer says model_max_length 8192; the text encoder has 77 positions.
             limit = info["components"]["text_encoder"]["max_position_embeddings"]
             out[name] = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=limit)
@@ -172,19 +192,43 @@ def load_tokenizers(info: dict) -> dict[str, Any]:
     return out
 
 
+def _file_tokenizer(info: dict, path: str):
+    """The sentencepiece tokenizer inside a UMT5 text-encoder file (`spiece_model`, as ComfyUI reads it)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from ..pipelines import _read_json
+    from .wan_layout import SPIECE_KEY, spiece_tokenizer
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        proto = f.get_tensor(SPIECE_KEY).numpy().tobytes()
+    # The text length the pipeline pads to: the configs' tokenizer says it where there is one (a diffusers folder
+    # given as configs); else 512, WanPipeline's max_sequence_length.
+    config = Path(info["configs_dir"]) / "tokenizer" / "tokenizer_config.json"
+    limit = _read_json(config).get("model_max_length", 512) if config.is_file() else 512
+    return spiece_tokenizer(proto, max_length=int(min(limit, 512)))
+
+
 def load_files_pipeline(info: dict, *, components: Iterable[str], dtype: torch.dtype):
     """The family's pipeline with the heavy `components` built from their files, the others None."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    import diffusers
 
     wanted = set(components)
     built: dict[str, Any] = {name: None for name in info["models"]}
     for name in wanted:
         log.info("loading %s from %s", name, info["files"][name]["path"])
-        if name == "transformer":
-            built[name] = load_transformer(info, dtype=dtype)
+        if name.startswith("transformer"):
+            built[name] = load_transformer(info, dtype=dtype, part=name)
         elif name == "vae":
             built[name] = load_vae(info, dtype=dtype)
         else:
             built[name] = load_text_encoder(info, name, dtype=dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(info["components"]["scheduler"])
-    return FluxPipeline(scheduler=scheduler, **load_tokenizers(info), **built)
+    index = info["model_index"]
+    scheduler = getattr(diffusers, index["scheduler"][1]).from_config(info["components"]["scheduler"])
+    # The pipeline's own settings in model_index.json (Wan: boundary_ratio, expand_timesteps) and the components
+    # it lists as absent (Wan 2.1: transformer_2 null).
+    settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None and k not in built}
+    pipeline = getattr(diffusers, index["_class_name"])
+    return pipeline(scheduler=scheduler, **load_tokenizers(info), **built, **absent, **settings)

@@ -3,7 +3,8 @@
 
 Layouts as in the real files: the Flux transformer in BFL names (optionally under ComfyUI's
 `model.diffusion_model.` prefix), clip_l under `text_model.`, t5xxl in transformers' names (one `shared.weight`),
-ae.safetensors in the LDM VAE layout. Storage variants: fp32, fp16, fp8 (float8_e4m3fn linear weights) and
+ae.safetensors in the LDM VAE layout; Wan in its original layouts (`wan_layout`), umt5_xxl with its `spiece_model`
+tokenizer inside. Storage variants: fp32, fp16, fp8 (float8_e4m3fn linear weights) and
 scaled_fp8 (ComfyUI's: fp8 weight / scale, a float32 `scale_weight` per layer and a `scaled_fp8` marker key).
 """
 
@@ -89,6 +90,71 @@ def write_flux_files(tiny_dir: str | Path, out_dir: str | Path, *, storage: Stor
     }
     names = {"transformer": f"flux1-tiny-{tag}.safetensors", "text_encoder": f"clip_l-tiny-{plain.value}.safetensors",
              "text_encoder_2": f"t5xxl-tiny-{storage.value}.safetensors", "vae": f"ae-tiny-{plain.value}.safetensors"}
+    paths = {}
+    for part, sd in tensors.items():
+        paths[part] = str(out / names[part])
+        save_file(sd, paths[part])
+    return paths
+
+
+def spiece_model_of(tokenizer_dir: str | Path) -> bytes:
+    """A sentencepiece model (serialised proto) with the pieces and scores of a Unigram tokenizer.json (the tiny
+    folders' T5 / UMT5 tokenizer): what ComfyUI's umt5_xxl files carry as their `spiece_model` tensor.
+    Needs sentencepiece's protobuf module (test fixtures only)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    spec = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    special = {t["content"] for t in spec.get("added_tokens", [])}
+    unk = spec["model"].get("unk_id")
+    proto = pb.ModelProto()
+    for index, (piece, score) in enumerate(spec["model"]["vocab"]):
+        entry = proto.pieces.add()
+        entry.piece, entry.score = piece, score
+        entry.type = (pb.ModelProto.SentencePiece.UNKNOWN if index == unk else
+                      pb.ModelProto.SentencePiece.CONTROL if piece in special else pb.ModelProto.SentencePiece.NORMAL)
+    proto.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+    proto.trainer_spec.pad_id, proto.trainer_spec.eos_id, proto.trainer_spec.bos_id = 0, 1, -1
+    proto.trainer_spec.unk_id = unk
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = True
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    proto.normalizer_spec.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def write_wan_files(tiny_dir: str | Path, out_dir: str | Path, *, storage: Storage | str = Storage.FP32,
+                    comfy_prefix: bool = False, spiece: bool = True) -> dict[str, str]:
+    """Write wan2.1 (transformer; and transformer_2 for a two-expert folder), umt5_xxl and wan_2.1_vae files of a
+    tiny Wan folder in the original layouts; return {part: path}. The umt5 file carries the folder's tokenizer as
+    ComfyUI's do (`spiece_model`, unless `spiece` is False). fp8 storages apply to the transformers and UMT5."""
+    from safetensors.torch import save_file
+
+    from .wan_layout import SPIECE_KEY, diffusers_to_wan_transformer, diffusers_to_wan_vae
+
+    storage = Storage(str(storage))
+    tiny_dir, out = Path(tiny_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plain = Storage.FP16 if storage is Storage.FP16 else Storage.FP32
+    num_res_blocks = json.loads((tiny_dir / "vae" / "config.json").read_text())["num_res_blocks"]
+    tag = f"{storage.value}{'_comfy' if comfy_prefix else ''}"
+    prefix = "model.diffusion_model." if comfy_prefix else ""
+    umt5 = _component(tiny_dir, "text_encoder")
+    umt5.pop("encoder.embed_tokens.weight", None)  # the real files keep the tied embedding once (shared.weight)
+    umt5 = _store(umt5, storage)
+    if spiece:
+        umt5[SPIECE_KEY] = torch.frombuffer(bytearray(spiece_model_of(tiny_dir / "tokenizer")), dtype=torch.uint8)
+    tensors = {
+        "transformer": _store(diffusers_to_wan_transformer(_component(tiny_dir, "transformer")), storage, prefix=prefix),
+        "text_encoder": umt5,
+        "vae": _store(diffusers_to_wan_vae(_component(tiny_dir, "vae"), num_res_blocks=num_res_blocks), plain),
+    }
+    names = {"transformer": f"wan2.1-tiny-{tag}.safetensors", "text_encoder": f"umt5-tiny-{storage.value}.safetensors",
+             "vae": f"wan_2.1_vae-tiny-{plain.value}.safetensors"}
+    if (tiny_dir / "transformer_2").is_dir():  # Wan 2.2 A14B: high-noise and low-noise experts
+        tensors["transformer_2"] = _store(diffusers_to_wan_transformer(_component(tiny_dir, "transformer_2")),
+                                          storage, prefix=prefix)
+        names["transformer"] = f"wan2.2-tiny-high-noise-{tag}.safetensors"
+        names["transformer_2"] = f"wan2.2-tiny-low-noise-{tag}.safetensors"
     paths = {}
     for part, sd in tensors.items():
         paths[part] = str(out / names[part])

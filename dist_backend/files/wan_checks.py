@@ -1,0 +1,60 @@
+"""Wan files on the host, from their headers alone: which shipped architecture config a transformer file is
+(`shipped_wan_model`), and the few shapes that must agree with the configs (`wan_shape_checks`). No torch."""
+
+from __future__ import annotations
+
+from ..errors import ModelError
+from .detect import FileInfo, count_blocks
+
+SPIECE_KEY = "spiece_model"  # ComfyUI's text-encoder files carry their sentencepiece model as a uint8 tensor
+# Transformer width -> the shipped configs (pipelines/configs/<name>) of the text-to-video models.
+_WAN_BY_WIDTH = {1536: "wan2.1-t2v-1.3b", 5120: "wan2.1-t2v-14b"}
+_T2V_CHANNELS = 16  # latent channels in; image-to-video (36) and Wan 2.2 TI2V 5B (48) differ
+
+
+def shipped_wan_model(infos: dict[str, FileInfo]) -> str:
+    t = infos["transformer"]
+    shape = t.shapes.get("patch_embedding.weight") or (None, None)
+    width, channels = shape[0], shape[1]
+    if channels != _T2V_CHANNELS:
+        raise ModelError(f"{t.path!r} is a Wan model with {channels} input channels; single files are supported for "
+                         f"the text-to-video models ({_T2V_CHANNELS}: Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V A14B). "
+                         "Load image-to-video and TI2V models from a diffusers folder")
+    if width not in _WAN_BY_WIDTH:
+        raise ModelError(f"{t.path!r} is a Wan transformer of width {width}, which has no shipped config (known: "
+                         f"{', '.join(f'{w} = {n}' for w, n in _WAN_BY_WIDTH.items())}); give configs = a diffusers "
+                         "folder of this model")
+    return _WAN_BY_WIDTH[width]
+
+
+def _first(shapes: dict, *names: str):
+    return next((shapes[n] for n in names if n in shapes), None)
+
+
+def wan_shape_checks(infos: dict[str, FileInfo], components: dict) -> list:
+    """[(file, [(what, found, want), ...]), ...] for every Wan part given."""
+    groups = []
+    for part in ("transformer", "transformer_2"):
+        if part not in infos:
+            continue
+        t, cfg = infos[part], components[part]
+        inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        groups.append((t, (
+            ("patch_embedding.weight shape", t.shapes.get("patch_embedding.weight"),
+             (inner, cfg["in_channels"], *cfg["patch_size"])),
+            ("number of blocks", count_blocks(t.shapes, "blocks"), cfg["num_layers"]),
+            ("feed-forward weight shape", _first(t.shapes, "blocks.0.ffn.0.weight", "blocks.0.ffn.net.0.proj.weight"),
+             (cfg["ffn_dim"], inner)),
+            ("text embedding shape",
+             _first(t.shapes, "text_embedding.0.weight", "condition_embedder.text_embedder.linear_1.weight"),
+             (inner, cfg["text_dim"])),
+        )))
+    v, vcfg = infos["vae"], components["vae"]
+    groups.append((v, (("encoder.conv1.weight rows", (v.shapes.get("encoder.conv1.weight") or (None,))[0],
+                        vcfg["base_dim"]),
+                       ("conv1.weight rows (2 × latent channels)", (v.shapes.get("conv1.weight") or (None,))[0],
+                        2 * vcfg["z_dim"]))))
+    e, ecfg = infos["text_encoder"], components["text_encoder"]
+    groups.append((e, (("shared embedding shape", e.shapes.get("shared.weight"), (ecfg["vocab_size"], ecfg["d_model"])),
+                       ("number of blocks", count_blocks(e.shapes, "encoder.block"), ecfg["num_layers"]))))
+    return groups
