@@ -59,6 +59,18 @@ PART_HINTS = {
     "text_encoder_2": "the second text encoder (models/text_encoders, e.g. t5xxl_fp16.safetensors)",
     "vae": "the VAE (models/vae, e.g. ae.safetensors)",
 }
+# The same, where a family's files are others than Flux's.
+_PART_HINTS_OF = {Family.WAN: {
+    "transformer": "the diffusion model (models/diffusion_models, e.g. wan2.1_t2v_1.3B_fp16.safetensors)",
+    "text_encoder": "the text encoder (models/text_encoders, e.g. umt5_xxl_fp8_e4m3fn_scaled.safetensors)",
+    "vae": "the VAE (models/vae, e.g. wan_2.1_vae.safetensors)",
+}}
+
+
+def _hint(family: Family, part: str) -> str:
+    return _PART_HINTS_OF.get(family, {}).get(part) or PART_HINTS[part]
+
+
 # Tokenizer folders: in a diffusers folder, and in a ComfyUI install (relative to its root).
 _TOKENIZER_DIRS = {
     "tokenizer": ("tokenizer", "comfy/sd1_tokenizer", "sd1_tokenizer"),
@@ -167,12 +179,12 @@ def read_files_config(files: ModelFiles) -> dict:
     infos: dict[str, FileInfo] = {}
     for part, kinds in expected.items():
         if part not in given:
-            raise ConfigError(f"{family.value} needs {PART_HINTS[part]}; {part} is empty")
+            raise ConfigError(f"{family.value} needs {_hint(family, part)}; {part} is empty")
         info = inspect_file(given[part], role=part)
         if info.kind not in kinds:
             want = " or ".join(DESCRIPTIONS[k] for k in kinds)
             raise ModelError(f"{part} file {info.path!r} is {info.description}, but {family.value} expects "
-                             f"{want} there; pick {PART_HINTS[part]}")
+                             f"{want} there; pick {_hint(family, part)}")
         infos[part] = info
     if family not in SUPPORTED:
         raise UnsupportedError(f"loading {family.value} from single files is not supported yet (supported: "

@@ -103,7 +103,7 @@ def test_missing_and_extra_parts_are_config_errors(files, tiny_dirs):
                                                                                  "vae": "/b.safetensors"}
 
 
-def test_qwenimage_and_wan_files_are_recognised_but_refused_as_not_supported_yet(tmp_path):
+def test_qwenimage_files_are_recognised_but_refused_as_not_supported_yet(tmp_path):  # Wan: test_wan_files.py
     from safetensors.torch import save_file
 
     def header_only(name, keys):
@@ -117,11 +117,6 @@ def test_qwenimage_and_wan_files_are_recognised_but_refused_as_not_supported_yet
             family="qwenimage", vae=vae,
             transformer=header_only("qwen_image_fp8.safetensors", ["txt_norm.weight"]),
             text_encoder=header_only("qwen_2.5_vl_7b.safetensors", ["model.layers.0.mlp.gate_proj.weight"])))
-    umt5 = header_only("umt5_xxl.safetensors", ["encoder.block.0.layer.0.SelfAttention.q.weight",
-                                                "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"])
-    with pytest.raises(UnsupportedError, match="wan from single files"):
-        read_files_config(ModelFiles(family="wan", vae=vae, text_encoder=umt5,
-                                     transformer=header_only("wan2.1_t2v.safetensors", ["patch_embedding.weight"])))
 
 
 def test_our_flux_converter_equals_diffusers_on_the_real_row_counts():
