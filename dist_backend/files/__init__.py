@@ -49,8 +49,11 @@ PARTS: dict[Family, dict[str, tuple[FileKind, ...]]] = {
     Family.QWENIMAGE: {"transformer": (FileKind.QWENIMAGE_TRANSFORMER,), "text_encoder": (FileKind.QWEN25_VL,),
                        "vae": (FileKind.WAN_VAE,)},
     Family.WAN: {"transformer": (FileKind.WAN_TRANSFORMER,), "text_encoder": (FileKind.UMT5_ENCODER,),
-                 "vae": (FileKind.WAN_VAE,)},
+                 "vae": (FileKind.WAN_VAE,), "transformer_2": (FileKind.WAN_TRANSFORMER,)},
 }
+# Parts a family may go without: Wan 2.2 A14B has a second expert (transformer_2, the low-noise one), Wan 2.1 not.
+# Whether it must be there is the architecture's (configs) model_index.json: transformer_2 null or not.
+OPTIONAL_PARTS = {Family.WAN: ("transformer_2",)}
 SUPPORTED = (Family.FLUX, Family.WAN)
 # What users call each part (ComfyUI's folder and the usual file), for messages.
 PART_HINTS = {
@@ -58,10 +61,13 @@ PART_HINTS = {
     "text_encoder": "the first text encoder (models/text_encoders, e.g. clip_l.safetensors)",
     "text_encoder_2": "the second text encoder (models/text_encoders, e.g. t5xxl_fp16.safetensors)",
     "vae": "the VAE (models/vae, e.g. ae.safetensors)",
+    "transformer_2": "the second diffusion model (Wan 2.2 A14B's low-noise expert, "
+                     "e.g. wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors)",
 }
 # The same, where a family's files are others than Flux's.
 _PART_HINTS_OF = {Family.WAN: {
-    "transformer": "the diffusion model (models/diffusion_models, e.g. wan2.1_t2v_1.3B_fp16.safetensors)",
+    "transformer": "the diffusion model (models/diffusion_models, e.g. wan2.1_t2v_1.3B_fp16.safetensors; Wan 2.2 "
+                   "A14B: the high-noise expert, e.g. wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors)",
     "text_encoder": "the text encoder (models/text_encoders, e.g. umt5_xxl_fp8_e4m3fn_scaled.safetensors)",
     "vae": "the VAE (models/vae, e.g. wan_2.1_vae.safetensors)",
 }}
@@ -97,6 +103,8 @@ class ModelFiles:
     """The first text encoder file (Flux: clip_l.safetensors)."""
     text_encoder_2: str = ""
     """The second text encoder file, for families with two (Flux: t5xxl_fp16 / t5xxl_fp8_e4m3fn[_scaled])."""
+    transformer_2: str = ""
+    """The second diffusion model, for Wan 2.2 A14B (the low-noise expert; `transformer` is the high-noise one)."""
     tokenizers: str = ""
     """A ComfyUI folder (its comfy/ tokenizers) or a diffusers folder (tokenizer/, tokenizer_2/); "" = `configs`."""
     configs: str = ""
@@ -111,7 +119,7 @@ class ModelFiles:
         except ValueError:
             raise ConfigError(f"weights={self.weights!r} is not one of: "
                               f"{', '.join(w.value for w in WeightStorage)}") from None
-        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizers", "configs"):
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "transformer_2", "tokenizers", "configs"):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise ConfigError(f"{name} must be a path string, got {type(value).__name__}")
@@ -120,7 +128,8 @@ class ModelFiles:
 
     def parts(self) -> dict[str, str]:
         """part -> path of every file given."""
-        return {p: getattr(self, p) for p in ("transformer", "text_encoder", "text_encoder_2", "vae") if getattr(self, p)}
+        return {p: getattr(self, p) for p in ("transformer", "text_encoder", "text_encoder_2", "vae", "transformer_2")
+                if getattr(self, p)}
 
     def to_message(self) -> dict:
         return {**asdict(self), "weights": self.weights.value}
@@ -178,6 +187,8 @@ def read_files_config(files: ModelFiles) -> dict:
             raise ConfigError(f"{family.value} has no {part}; it takes {', '.join(expected)} (leave {part} empty)")
     infos: dict[str, FileInfo] = {}
     for part, kinds in expected.items():
+        if part not in given and part in OPTIONAL_PARTS.get(family, ()):
+            continue
         if part not in given:
             raise ConfigError(f"{family.value} needs {_hint(family, part)}; {part} is empty")
         info = inspect_file(given[part], role=part)
@@ -191,11 +202,12 @@ def read_files_config(files: ModelFiles) -> dict:
                                f"{', '.join(f.value for f in SUPPORTED)}); load it from a diffusers folder "
                                "with Load Sharded (models/diffusers)")
     configs_dir = Path(files.configs) if files.configs else CONFIGS_ROOT / _shipped_model(family, infos)
-    model_index, components = _read_configs(configs_dir, parts=list(expected))
+    _check_optional_parts(family, infos, configs_dir)
+    model_index, components = _read_configs(configs_dir, parts=list(infos))
     _check_shapes(family, infos, components, configs_dir)
     tokenizers = _find_tokenizers(family, files, configs_dir, infos)
     return {"family": family, "class_name": model_index["_class_name"], "model_dir": files.key,
-            "model_index": model_index, "components": components, "models": list(expected),
+            "model_index": model_index, "components": components, "models": list(infos),
             "files": {part: info.to_message() for part, info in infos.items()}, "tokenizers": tokenizers,
             "configs_dir": str(configs_dir), "weights": files.weights.value}
 
@@ -209,6 +221,23 @@ def _shipped_model(family: Family, infos: dict[str, FileInfo]) -> str:
     if family is Family.WAN:
         return shipped_wan_model(infos)
     raise AssertionError(family)
+
+
+def _check_optional_parts(family: Family, infos: dict[str, FileInfo], configs_dir: Path) -> None:
+    """An optional part is there exactly when the architecture has it (model_index.json lists it, not as null)."""
+    index_path = configs_dir / "model_index.json"
+    if family not in OPTIONAL_PARTS or not index_path.is_file():
+        return  # _read_configs names a missing model_index.json
+    index = _read_json(index_path)
+    for part in OPTIONAL_PARTS[family]:
+        wanted = isinstance(index.get(part), list) and index[part][0] is not None
+        if wanted and part not in infos:
+            raise ConfigError(f"the configs in {str(configs_dir)!r} describe a model with {part}: give "
+                              f"{_hint(family, part)} (node: diffusion_model_2), or the configs of a model without it")
+        if part in infos and not wanted:
+            raise ConfigError(f"{part} is given ({infos[part].path!r}) but the configs in {str(configs_dir)!r} "
+                              f"describe a model without it (Wan 2.1 has one diffusion model; Wan 2.2 A14B two); "
+                              f"leave {part} empty, or give the configs of a two-expert model")
 
 
 def _read_configs(configs_dir: Path, *, parts: list[str]) -> tuple[dict, dict]:

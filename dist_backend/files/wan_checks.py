@@ -24,6 +24,12 @@ def shipped_wan_model(infos: dict[str, FileInfo]) -> str:
         raise ModelError(f"{t.path!r} is a Wan transformer of width {width}, which has no shipped config (known: "
                          f"{', '.join(f'{w} = {n}' for w, n in _WAN_BY_WIDTH.items())}); give configs = a diffusers "
                          "folder of this model")
+    if "transformer_2" in infos:  # two experts: Wan 2.2 A14B (each of them the 14B architecture)
+        if width != 5120:
+            raise ModelError(f"{t.path!r} and {infos['transformer_2'].path!r} are two Wan experts of width {width}; "
+                             "the shipped two-expert config is Wan 2.2 T2V A14B (width 5120). Give configs = a "
+                             "diffusers folder of this model")
+        return "wan2.2-t2v-a14b"
     return _WAN_BY_WIDTH[width]
 
 

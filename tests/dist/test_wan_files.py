@@ -1,7 +1,8 @@
 """Wan 2.1 from single files (the original layouts of ComfyUI's files, the tokenizer inside the umt5 file) through
-the real sidecar, against the tiny diffusers folder's pipeline in one process: fp16 files give the latents of the
-folder with its weights rounded to fp16, under dp; scaled fp8 files under Ulysses give the latents of the folder
-with the same dequantised weights (quantised here by the fixture, not by the loader)."""
+the real sidecar, against the tiny diffusers folder's pipeline in one process: Wan 2.2 A14B's two expert files in
+fp16 give the latents of the folder with its weights rounded to fp16, under dp; Wan 2.1 scaled fp8 files under
+Ulysses give the latents of the folder with the same dequantised weights (quantised here by the fixture, not by the
+loader)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 
 
 @pytest.fixture(scope="module")
-def wan_files(tiny_dirs, tmp_path_factory):
-    """storage -> ModelFiles of the tiny Wan (architecture configs borrowed from its folder; the tokenizer is the
-    sentencepiece model inside the umt5 file, as in ComfyUI's)."""
+def wan_files(tiny_dirs, wan22, tmp_path_factory):
+    """name -> ModelFiles of the tiny Wan 2.1 (scaled fp8) and Wan 2.2 (two experts, fp16, ComfyUI's prefix);
+    architecture configs borrowed from the folders; the tokenizer is the sentencepiece model inside the umt5 file,
+    as in ComfyUI's."""
     root = tmp_path_factory.mktemp("wan-files")
     out = {}
-    for storage, comfy_prefix in (("fp16", True), ("scaled_fp8", False)):
-        paths = write_wan_files(tiny_dirs["wan"], root / storage, storage=storage, comfy_prefix=comfy_prefix)
-        out[storage] = ModelFiles(family="wan", configs=str(tiny_dirs["wan"]), **paths)
+    for name, folder, storage, comfy_prefix in (("wan22_fp16", wan22[0], "fp16", True),
+                                                ("scaled_fp8", tiny_dirs["wan"], "scaled_fp8", False)):
+        paths = write_wan_files(folder, root / name, storage=storage, comfy_prefix=comfy_prefix)
+        out[name] = ModelFiles(family="wan", configs=str(folder), **paths)
     return out
 
 
@@ -35,8 +38,10 @@ def rounded_pipe(pipe, *, storage: str):
     """The folder's pipeline with the weights the files hold: fp16 (every part), or for scaled fp8 the fp8 round
     trip of the transformer's and UMT5's linear weights (one scale per tensor: the original Wan layout fuses none)."""
     pipe = copy.deepcopy(pipe)
-    for name in ("transformer", "text_encoder", "vae"):
+    for name in ("transformer", "transformer_2", "text_encoder", "vae"):
         module = getattr(pipe, name)
+        if module is None:
+            continue
         state = module.state_dict()
         for key, t in state.items():
             if storage == "fp16":
@@ -49,16 +54,17 @@ def rounded_pipe(pipe, *, storage: str):
     return pipe
 
 
-def test_fp16_files_with_comfy_prefix_give_the_fp16_folder_latents_on_two_ranks(wan_files, tiny_pipes):
+def test_wan22_expert_files_in_fp16_give_the_fp16_folder_latents_on_two_ranks(wan_files, wan22):
+    """Both experts run (3 steps cross the boundary, see pipelines.tiny.WAN22_BOUNDARY_RATIO)."""
     session = Session(SessionConfig(world_size=2, threads_per_rank=1))
     try:
-        latents, _ = generate(session, wan_files["fp16"], "wan", PROMPTS, seed=3)
+        latents, _ = generate(session, wan_files["wan22_fp16"], "wan", PROMPTS, seed=3)
     finally:
         session.close()
-    expected = reference({"wan": rounded_pipe(tiny_pipes["wan"], storage="fp16")}, "wan", PROMPTS, seed=3)
-    plain = reference(tiny_pipes, "wan", PROMPTS, seed=3)
+    expected = reference({"wan": rounded_pipe(wan22[1], storage="fp16")}, "wan", PROMPTS, seed=3)
+    plain = reference({"wan": wan22[1]}, "wan", PROMPTS, seed=3)
     diff = float((latents - expected).abs().max())
-    print(f"\n[measured] Wan fp16 files, dp2: max abs latent diff vs the fp16-rounded folder in one process = "
+    print(f"\n[measured] Wan 2.2 two-expert fp16 files, dp2: max abs latent diff vs the fp16-rounded folder in one process = "
           f"{diff:.3e}; fp16 vs fp32 weights: {float((expected - plain).abs().max()):.3e}")
     assert torch.equal(latents, expected)  # bit for bit (measured 0.0 on 2 CPU cores)
     assert float((expected - plain).abs().max()) > 1e-6, "fp16 rounding must change the result (else the test is blind)"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_backend.errors import ModelError
-from dist_backend.files import ModelFiles, read_files_config
+from dist_backend.errors import ConfigError, ModelError
+from dist_backend.files import ModelFiles, parse_files_arg, read_files_config
 from dist_backend.files.detect import FileInfo, FileKind
 from dist_backend.files.tiny_files import write_flux_files, write_wan_files
 
@@ -161,3 +161,28 @@ def test_the_shipped_configs_describe_the_real_models(model):
     assert round(counts["vae"] / 1e6, 1) == 126.9
     assert json.loads((root / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
         "UniPCMultistepScheduler"
+
+
+def test_wan22_takes_its_second_expert_exactly_when_the_configs_have_one(wan22, files, tiny_dirs, tmp_path):
+    paths = write_wan_files(wan22[0], tmp_path / "w22", storage="fp32")
+    assert set(paths) == {"transformer", "transformer_2", "text_encoder", "vae"}
+    info = read_files_config(wan(paths, tiny_dirs, configs=str(wan22[0])))
+    assert info["models"] == ["transformer", "text_encoder", "vae", "transformer_2"]
+    assert info["model_index"]["boundary_ratio"] == 0.875
+    with pytest.raises(ConfigError, match=r"describe a model with transformer_2: give the second diffusion model .*"
+                                          r"low-noise expert.*diffusion_model_2"):
+        read_files_config(wan({**paths, "transformer_2": ""}, tiny_dirs, configs=str(wan22[0])))
+    with pytest.raises(ConfigError, match=r"transformer_2 is given .* describe a model without it"):
+        read_files_config(wan({**files["fp32"], "transformer_2": paths["transformer_2"]}, tiny_dirs))
+    assert parse_files_arg("transformer=/h.safetensors,transformer_2=/l.safetensors") == {
+        "transformer": "/h.safetensors", "transformer_2": "/l.safetensors"}
+
+
+def test_two_14b_experts_pick_the_wan22_config():
+    from dist_backend.files.wan_checks import shipped_wan_model
+
+    expert = _info({"patch_embedding.weight": (5120, 16, 1, 2, 2)})
+    assert shipped_wan_model({"transformer": expert, "transformer_2": expert}) == "wan2.2-t2v-a14b"
+    small = _info({"patch_embedding.weight": (1536, 16, 1, 2, 2)})
+    with pytest.raises(ModelError, match="two Wan experts of width 1536"):
+        shipped_wan_model({"transformer": small, "transformer_2": small})
