@@ -43,7 +43,8 @@ def comfy_root() -> str:
 
     import comfy
 
-    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.__file__)))
+    # Not comfy.__file__: ComfyUI 0.33's comfy is a namespace package (no __init__.py), whose __file__ is None.
+    return os.path.dirname(os.path.abspath(list(comfy.__path__)[0]))
 
 
 class LoadFiles:

@@ -1,6 +1,7 @@
 """DistDiffLoadFiles on a real ComfyUI host: it lists the files of ComfyUI's own model folders, shares LoadSharded's
 parallel inputs, and a workflow loading the tiny Flux from single files (BFL transformer under ComfyUI's prefix,
-clip_l, t5xxl, ae) gives the same image as the same workflow loading the diffusers folder."""
+clip_l, t5xxl, ae) gives the same image as the same workflow loading the diffusers folder; on ComfyUI 0.33 the
+same for Wan 2.2 A14B's files (two experts, umt5 with its own tokenizer, the Wan VAE)."""
 
 from __future__ import annotations
 
@@ -20,20 +21,28 @@ from tests.helpers import wait_no_ranks  # noqa: E402
 TINY_NAME = "distdiff-tiny-flux"
 
 
+FOLDERS = {"transformer": "diffusion_models", "transformer_2": "diffusion_models", "text_encoder": "text_encoders",
+           "text_encoder_2": "text_encoders", "vae": "vae"}
+
+
+def place(written: dict, tmp_path) -> dict:
+    """Move written files into ComfyUI-style model folders under tmp_path; {part: file name}."""
+    names = {}
+    for part, path in written.items():
+        target = tmp_path / FOLDERS[part]
+        target.mkdir(exist_ok=True)
+        name = path.rsplit("/", 1)[1]
+        shutil.move(path, target / name)
+        names[part] = name
+    return names
+
+
 @pytest.fixture
 def model_paths(tiny_dirs, tmp_path):
     from dist_backend.files.tiny_files import write_flux_files
 
     written = write_flux_files(tiny_dirs["flux"], tmp_path / "written", storage="fp32", comfy_prefix=True)
-    folders = {"transformer": "diffusion_models", "text_encoder": "text_encoders", "text_encoder_2": "text_encoders",
-               "vae": "vae"}
-    names = {}
-    for part, path in written.items():
-        target = tmp_path / folders[part]
-        target.mkdir(exist_ok=True)
-        name = path.rsplit("/", 1)[1]
-        shutil.move(path, target / name)
-        names[part] = name
+    names = place(written, tmp_path)
     (tmp_path / "diffusers").mkdir()
     (tmp_path / "diffusers" / TINY_NAME).symlink_to(tiny_dirs["flux"], target_is_directory=True)
     paths = {folder: [str(tmp_path / folder)] for folder in ("diffusion_models", "text_encoders", "vae", "diffusers")}
@@ -122,3 +131,43 @@ def test_the_hosts_bundled_tokenizers_are_used_or_their_absence_is_a_clear_error
     assert clip.model_max_length == 16  # the text encoder's positions (tiny config), not the file's 8192
     ids = t5("a photo of a cat").input_ids
     assert ids[-1] == t5.eos_token_id == 1 and len(ids) > 4 and len(t5) >= 32100
+
+
+@pytest.mark.modern_host  # ComfyUI 0.33 lists the model folders Wan users keep (2024's has no Wan at all)
+@pytest.mark.keeps_ranks
+def test_wan22_files_workflow_equals_the_diffusers_folder_workflow(comfy_server_factory, wan22, tmp_path):
+    from dist_backend.files.tiny_files import write_wan_files
+
+    folder_dir = wan22[0]
+    names = place(write_wan_files(folder_dir, tmp_path / "written", storage="fp32", comfy_prefix=True), tmp_path)
+    (tmp_path / "diffusers").mkdir()
+    (tmp_path / "diffusers" / "distdiff-tiny-wan22").symlink_to(folder_dir, target_is_directory=True)
+    server = comfy_server_factory(model_paths={f: [str(tmp_path / f)] for f in
+                                               ("diffusion_models", "text_encoders", "vae", "diffusers")})
+    try:
+        folder = json.loads((REPO_ROOT / "example_workflows" / "data_parallel.api.json").read_text())
+        folder["1"]["inputs"]["model"] = "distdiff-tiny-wan22"
+        folder["2"]["inputs"]["prompt"] = "a red fox in the snow"
+        folder["3"]["inputs"].update(num_frames=5, guidance=1.0, steps=3)
+        files = copy.deepcopy(folder)
+        parallel = {k: v for k, v in folder["1"]["inputs"].items() if k not in ("model", "model_path")}
+        files["1"] = {"class_type": "DistDiffLoadFiles", "inputs": {
+            "family": "wan", "diffusion_model": names["transformer"], "diffusion_model_2": names["transformer_2"],
+            "text_encoder_1": names["text_encoder"], "text_encoder_2": "none", "vae": names["vae"],
+            "weights": "default", **parallel,
+            # The tiny architecture (a real model uses the shipped configs); the tokenizer is the one inside the
+            # umt5 file, as ComfyUI itself reads it (tokenizers_path empty: the host's folder, which has none).
+            "configs_path": str(folder_dir)}}
+        results = {}
+        for name, prompt in (("folder", folder), ("files", files)):
+            prompt_id, events = server.run(prompt, timeout=300)
+            errors = [e for e in events if e["type"] == "execution_error"]
+            assert not errors, errors[0]
+            results[name] = pixels(server, prompt_id)
+        assert len(results["files"]) == len(results["folder"]) == 5  # five frames
+        for got, want in zip(results["files"], results["folder"]):
+            assert got.shape == (64, 64, 3) and np.array_equal(got, want)
+    finally:
+        server._http("POST", "/distdiff/release", {})
+        server.stop()
+    assert not wait_no_ranks()
