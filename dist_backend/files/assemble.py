@@ -34,7 +34,9 @@ _IGNORED = {FileKind.CLIP_TEXT: ("text_projection.weight", "logit_scale", "embed
 # which also keeps the AdaLN modulation linears (norm1.linear, ~1/3 of FLUX.1's weights) in bf16: 0.64 of the
 # memory instead of 0.50 (FLUX.1-dev on the meta device: 22.2 GiB bf16, 14.1 vs 11.1 GiB). ComfyUI's fp8 files
 # hold those layers in fp8 too.
-FP8_SKIP_PATTERN = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "^proj_out$")
+# Wan: its input embedders (diffusers' own Wan skip list: patch_embedding, condition_embedder) and proj_out.
+FP8_SKIP_PATTERN = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "^proj_out$",
+                    "patch_embedding", "condition_embedder")
 
 
 def enable_fp8_storage(model: torch.nn.Module, *, compute_dtype: torch.dtype) -> None:

@@ -186,3 +186,20 @@ def test_two_14b_experts_pick_the_wan22_config():
     small = _info({"patch_embedding.weight": (1536, 16, 1, 2, 2)})
     with pytest.raises(ModelError, match="two Wan experts of width 1536"):
         shipped_wan_model({"transformer": small, "transformer_2": small})
+
+
+def test_fp8_storage_keeps_the_blocks_in_fp8_and_the_embedders_in_the_compute_dtype(files, tiny_dirs, tiny_pipes):
+    from dist_backend.files.assemble import load_transformer
+
+    info = read_files_config(wan(files["fp32"], tiny_dirs, weights="fp8"))
+    model = load_transformer(info, dtype=torch.float32)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["blocks.0.attn1.to_q.weight"] == dtypes["blocks.0.ffn.net.0.proj.weight"] == torch.float8_e4m3fn
+    assert dtypes["patch_embedding.weight"] == dtypes["condition_embedder.time_embedder.linear_1.weight"] == \
+        dtypes["proj_out.weight"] == torch.float32
+    x = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = model(x, timestep=torch.tensor([500]), encoder_hidden_states=text).sample
+        want = tiny_pipes["wan"].transformer(x, timestep=torch.tensor([500]), encoder_hidden_states=text).sample
+    assert got.shape == want.shape and 1e-6 < float((got - want).abs().max()) < 0.1  # fp8 rounding, not garbage
