@@ -6,16 +6,13 @@ loader)."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from dist_backend.config import SessionConfig
 from dist_backend.files import ModelFiles
-from dist_backend.files.tiny_files import quantise, write_wan_files
-from dist_backend.session import Session
-from tests.dist.engine_cases import generate, reference
+from dist_backend.files.tiny_files import write_wan_files
+from tests.dist.engine_cases import generate_once, reference, with_file_weights
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 
@@ -34,34 +31,17 @@ def wan_files(tiny_dirs, wan22, tmp_path_factory):
     return out
 
 
-def rounded_pipe(pipe, *, storage: str):
-    """The folder's pipeline with the weights the files hold: fp16 (every part), or for scaled fp8 the fp8 round
-    trip of the transformer's and UMT5's linear weights (one scale per tensor: the original Wan layout fuses none)."""
-    pipe = copy.deepcopy(pipe)
-    for name in ("transformer", "transformer_2", "text_encoder", "vae"):
-        module = getattr(pipe, name)
-        if module is None:
-            continue
-        state = module.state_dict()
-        for key, t in state.items():
-            if storage == "fp16":
-                state[key] = t.half().float()
-            elif name != "vae" and key.endswith(".weight") and t.ndim == 2 and \
-                    key not in ("shared.weight", "encoder.embed_tokens.weight"):
-                q, scale = quantise(t, scaled=True)
-                state[key] = q.float() * scale
-        module.load_state_dict(state)
-    return pipe
+# The weights the fixture files hold (UMT5's token embedding keeps its dtype, see tiny_files._fp8_candidate).
+_PARTS = ("transformer", "transformer_2", "text_encoder")
+_KEEP = ("shared.weight", "embed_tokens.weight")
 
 
 def test_wan22_expert_files_in_fp16_give_the_fp16_folder_latents_on_two_ranks(wan_files, wan22):
     """Both experts run (3 steps cross the boundary, see pipelines.tiny.WAN22_BOUNDARY_RATIO)."""
-    session = Session(SessionConfig(world_size=2, threads_per_rank=1))
-    try:
-        latents, _ = generate(session, wan_files["wan22_fp16"], "wan", PROMPTS, seed=3)
-    finally:
-        session.close()
-    expected = reference({"wan": rounded_pipe(wan22[1], storage="fp16")}, "wan", PROMPTS, seed=3)
+    latents, _, _ = generate_once(SessionConfig(world_size=2, threads_per_rank=1), wan_files["wan22_fp16"], "wan",
+                                  PROMPTS, seed=3)
+    pipe = with_file_weights(wan22[1], parts=(*_PARTS, "vae"), storage="fp16")
+    expected = reference({"wan": pipe}, "wan", PROMPTS, seed=3)
     plain = reference({"wan": wan22[1]}, "wan", PROMPTS, seed=3)
     diff = float((latents - expected).abs().max())
     print(f"\n[measured] Wan 2.2 two-expert fp16 files, dp2: max abs latent diff vs the fp16-rounded folder in one process = "
@@ -71,13 +51,11 @@ def test_wan22_expert_files_in_fp16_give_the_fp16_folder_latents_on_two_ranks(wa
 
 
 def test_scaled_fp8_files_under_ulysses_equal_the_dequantised_weights_in_one_process(wan_files, tiny_pipes):
-    session = Session(SessionConfig(world_size=2, ulysses=2, threads_per_rank=1))
-    try:
-        latents, _ = generate(session, wan_files["scaled_fp8"], "wan", PROMPTS[:1], seed=4)
-        assert session.last_cp_modes == ["ulysses", "ulysses"]
-    finally:
-        session.close()
-    expected = reference({"wan": rounded_pipe(tiny_pipes["wan"], storage="scaled_fp8")}, "wan", PROMPTS[:1], seed=4)
+    latents, _, modes = generate_once(SessionConfig(world_size=2, ulysses=2, threads_per_rank=1),
+                                      wan_files["scaled_fp8"], "wan", PROMPTS[:1], seed=4)
+    assert modes == ["ulysses", "ulysses"]
+    pipe = with_file_weights(tiny_pipes["wan"], parts=_PARTS, storage="scaled_fp8", keep=_KEEP)
+    expected = reference({"wan": pipe}, "wan", PROMPTS[:1], seed=4)
     plain = reference(tiny_pipes, "wan", PROMPTS[:1], seed=4)
     diff = float((latents - expected).abs().max())
     print(f"\n[measured] Wan scaled fp8 files, ulysses2: max abs latent diff vs dequantised one process = {diff:.3e}; "
