@@ -180,7 +180,8 @@ def read_source(source) -> tuple[dict, dict]:
 
 def read_files_config(files: ModelFiles) -> dict:
     """Check `files` from their headers and return the engine's `info` (see `pipelines.read_model_config`), with
-    "files" ({part: FileInfo message}), "tokenizers" ({name: folder}), "configs_dir" and "weights" added.
+    "files" ({part: FileInfo message}), "tokenizers" ({name: folder, or the text-encoder file that carries it}),
+    "configs_dir" and "weights" added.
 
     Raises ModelError naming the file and what was expected for: a missing, truncated or corrupt file, a file
     of another part or family, a file whose shapes do not match the architecture config, a missing tokenizer;
