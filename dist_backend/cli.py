@@ -205,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="diffusers model folder (model_index.json inside)")
     source.add_argument("--files", help="single files instead of a folder: transformer=PATH,text_encoder=PATH,"
                                         "text_encoder_2=PATH,vae=PATH (ComfyUI's diffusion_models / text_encoders / "
-                                        "vae files, fp16 or fp8)")
-    gen.add_argument("--family", default=None, help="family of the --files (flux, qwenimage)")
+                                        "vae files, fp16 or fp8; Wan 2.2 A14B: transformer=HIGH_NOISE,"
+                                        "transformer_2=LOW_NOISE)")
+    gen.add_argument("--family", default=None, help="family of the --files (flux, qwenimage, wan)")
     gen.add_argument("--tokenizers", default=None,
                      help="with --files: a ComfyUI folder (its comfy/ tokenizers) or a diffusers folder to take the "
                           "tokenizers from (default: --configs)")

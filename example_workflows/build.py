@@ -19,6 +19,10 @@ REAL_VAE_FILE = "distdiff-tiny-flux-realvae.safetensors"
 INPUT_IMAGE = "distdiff_example.png"  # tests put a 64 × 64 picture under this name in ComfyUI's input folder
 # Tests put tiny LoRAs for that pipeline under these names in models/loras (tests/lora_fixtures.py).
 TINY_LORAS = {"peft": "distdiff-tiny-flux-peft.safetensors", "kohya": "distdiff-tiny-flux-kohya.safetensors"}
+# Tests put the tiny Flux as single files under these names in models/diffusion_models, text_encoders and vae
+# (dist_backend/files/tiny_files.py); a real workflow names flux1-dev.safetensors, clip_l, t5xxl_fp16, ae.
+TINY_FILES = {"diffusion_model": "distdiff-tiny-flux1.safetensors", "text_encoder_1": "distdiff-tiny-clip_l.safetensors",
+              "text_encoder_2": "distdiff-tiny-t5xxl.safetensors", "vae": "distdiff-tiny-ae.safetensors"}
 
 # Widget inputs of each node in INPUT_TYPES order (required, then optional): the UI format stores values by
 # position. "seed" is followed by ComfyUI's control_after_generate value.
@@ -37,11 +41,16 @@ WIDGETS = {
     "VAEDecode": [],
     "DistDiffLoRA": ["lora_name", "strength"],
 }
+# The loader of single files takes the same parallel settings as LoadSharded (nodes/parallel_inputs.py): those
+# between its model and its model_path / strategy.
+PARALLEL = WIDGETS["LoadSharded"][1:-2]
+WIDGETS["DistDiffLoadFiles"] = ["family", "diffusion_model", "text_encoder_1", "text_encoder_2", "vae", "weights",
+                                *PARALLEL, "diffusion_model_2", "tokenizers_path", "configs_path", "strategy"]
 OUTPUTS = {"LoadSharded": [("pipeline", "DISTDIFF_PIPELINE"), ("plan", "STRING")], "EncodeOnGPUs": [("conditioning", "DISTDIFF_CONDITIONING")],
            "ParallelDenoise": [("LATENT", "LATENT")], "DecodeVAE": [("IMAGE", "IMAGE")], "SaveImage": [],
            "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "VAELoader": [("VAE", "VAE")],
            "VAEEncode": [("LATENT", "LATENT")], "VAEDecode": [("IMAGE", "IMAGE")],
-           "DistDiffLoRA": [("pipeline", "DISTDIFF_PIPELINE")]}
+           "DistDiffLoRA": [("pipeline", "DISTDIFF_PIPELINE")], "DistDiffLoadFiles": [("pipeline", "DISTDIFF_PIPELINE"), ("plan", "STRING")]}
 # A graph: its nodes in id order, and its links (node, input name) <- (source node, output slot, type).
 OURS = {
     "order": ["LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "SaveImage"],
@@ -53,6 +62,11 @@ OURS = {
         ("DecodeVAE", "samples"): ("ParallelDenoise", 0, "LATENT"),
         ("SaveImage", "images"): ("DecodeVAE", 0, "IMAGE"),
     },
+}
+FILES = {  # the same graph, the model loaded from single files by DistDiffLoadFiles
+    "order": ["DistDiffLoadFiles", *OURS["order"][1:]],
+    "links": {target: (("DistDiffLoadFiles", *src[1:]) if src[0] == "LoadSharded" else src)
+              for target, src in OURS["links"].items()},
 }
 IMG2IMG = {  # ComfyUI's Load Image -> Load VAE + VAE Encode -> our ParallelDenoise (denoise < 1) -> DecodeVAE
     "order": [*OURS["order"], "LoadImage", "VAELoader", "VAEEncode"],
@@ -105,6 +119,10 @@ EXAMPLES = {
                        loras=[(TINY_LORAS["peft"], 0.8), (TINY_LORAS["kohya"], -0.6)],
                        note="two chained LoRA (DistDiff) nodes (a diffusers/PEFT and a kohya file, one negative) "
                             "under 2-rank Ulysses"),
+    "single_files": dict(graph=FILES, load=dict(ulysses=2), prompt="a red fox in the snow",
+                         note="Flux from the single files ComfyUI users keep (diffusion_models / text_encoders / vae; "
+                              "fp8 files too) under 2-rank Ulysses; tokenizers from this ComfyUI, architecture from "
+                              "the configs shipped with the pack"),
 }
 # Our nodes with ComfyUI's own (a host with Flux-era nodes, and a model whose VAE ComfyUI's Load VAE reads).
 INTEROP_EXAMPLES = {
@@ -148,6 +166,10 @@ def node_values(name: str, example: dict) -> dict:
         return {"lora_name": lora_name, "strength": strength}
     if name == "LoadSharded":
         return {**BASE_LOAD, **example["load"]}
+    if name == "DistDiffLoadFiles":
+        load = {**BASE_LOAD, **example["load"]}
+        return {"family": "flux", **TINY_FILES, "weights": "default", **{k: load[k] for k in PARALLEL},
+                "diffusion_model_2": "none", "tokenizers_path": "", "configs_path": "", "strategy": load["strategy"]}
     if name == "EncodeOnGPUs":
         return {"prompt": example["prompt"], "negative_prompt": example.get("negative", "")}
     if name == "ParallelDenoise":

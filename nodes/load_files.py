@@ -44,14 +44,15 @@ def comfy_root() -> str:
 
     import comfy
 
-    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.__file__)))
+    # Not comfy.__file__: ComfyUI 0.33's comfy is a namespace package (no __init__.py), whose __file__ is None.
+    return os.path.dirname(os.path.abspath(list(comfy.__path__)[0]))
 
 
 class LoadFiles:
     DESCRIPTION = ("Loads a model from the single files ComfyUI's own templates use (diffusion model, text "
                    "encoders, VAE; fp16, fp8 or ComfyUI's scaled fp8) on the rank sidecar, with the same parallel "
                    "settings as Load Sharded. Each rank memory-maps the files; nothing is converted on disk. "
-                   "Supported families: flux, qwenimage.")
+                   "Supported families: flux, qwenimage, wan (Wan 2.1 T2V; Wan 2.2 A14B with diffusion_model_2).")
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPELINE, PLAN_OUTPUT[0])  # appended, never inserted: API workflows link outputs by index
     RETURN_NAMES = ("pipeline", PLAN_OUTPUT[1])
@@ -68,13 +69,16 @@ class LoadFiles:
             "required": {
                 "family": ([f.value for f in Family], {"default": "flux", "tooltip": "The model family of the files."}),
                 "diffusion_model": (diffusion, {"tooltip": "The diffusion model (Flux: flux1-dev.safetensors; "
-                                                           "Qwen-Image: qwen_image_fp8_e4m3fn / qwen_image_bf16)."}),
+                                                           "Qwen-Image: qwen_image_fp8_e4m3fn / qwen_image_bf16; Wan: "
+                                                           "wan2.1_t2v_*.safetensors, or Wan 2.2's high-noise expert)."}),
                 "text_encoder_1": (text, {"tooltip": "The first text encoder (Flux: clip_l.safetensors; Qwen-Image: "
-                                                     "qwen_2.5_vl_7b[_fp8_scaled])."}),
+                                                     "qwen_2.5_vl_7b[_fp8_scaled]; Wan: umt5_xxl_fp16 / "
+                                                     "umt5_xxl_fp8_e4m3fn_scaled)."}),
                 "text_encoder_2": ([NONE, *text], {"default": NONE,
                                                    "tooltip": "The second text encoder where the family has two "
                                                               "(Flux: t5xxl_fp16 / t5xxl_fp8_e4m3fn); none otherwise."}),
-                "vae": (vae, {"tooltip": "The VAE (Flux: ae.safetensors; Qwen-Image: qwen_image_vae.safetensors)."}),
+                "vae": (vae, {"tooltip": "The VAE (Flux: ae.safetensors; Qwen-Image: qwen_image_vae.safetensors; Wan: "
+                                         "wan_2.1_vae.safetensors)."}),
                 "weights": (["default", "fp8"], {"default": "default",
                                                  "tooltip": "default: the transformer in the compute dtype (fp8 files "
                                                             "are dequantised). fp8: kept in float8 and upcast per layer "
@@ -83,6 +87,9 @@ class LoadFiles:
             },
             "optional": {
                 **parallel_inputs.OPTIONAL,
+                "diffusion_model_2": ([NONE, *list_files("diffusion")], {
+                    "default": NONE, "tooltip": "Wan 2.2 A14B's second diffusion model (the low-noise expert; "
+                                                "diffusion_model is the high-noise one); none otherwise."}),
                 "tokenizers_path": ("STRING", {"default": "",
                                                "tooltip": "Folder with the tokenizers (a diffusers folder or a ComfyUI "
                                                           "install); empty = this ComfyUI's bundled tokenizers."}),
@@ -94,17 +101,19 @@ class LoadFiles:
         }
 
     @classmethod
-    def IS_CHANGED(cls, diffusion_model, text_encoder_1, text_encoder_2, vae, **kwargs):
+    def IS_CHANGED(cls, diffusion_model, text_encoder_1, text_encoder_2, vae, diffusion_model_2=NONE, **kwargs):
         # As LoadSharded.IS_CHANGED: the output changes with the inputs and the files' contents, not the sidecar.
         try:
             return files_fingerprint([full_path("diffusion", diffusion_model), full_path("text", text_encoder_1),
                                       full_path("vae", vae),
-                                      *([full_path("text", text_encoder_2)] if text_encoder_2 != NONE else [])])
+                                      *([full_path("text", text_encoder_2)] if text_encoder_2 != NONE else []),
+                                      *([full_path("diffusion", diffusion_model_2)] if diffusion_model_2 != NONE
+                                        else [])])
         except Exception:  # noqa: BLE001 - a missing file: load() raises the clear ModelError
             return float("nan")
 
     def load(self, family, diffusion_model, text_encoder_1, text_encoder_2, vae, weights, tokenizers_path="",
-             configs_path="", **settings):
+             configs_path="", diffusion_model_2=NONE, **settings):
         from ..dist_backend.files import ModelFiles, read_files_config
         from ..dist_backend.planning.model_facts import read_model_facts
         from ..dist_backend.session import get_session
@@ -113,6 +122,7 @@ class LoadFiles:
             family=family, transformer=full_path("diffusion", diffusion_model),
             text_encoder=full_path("text", text_encoder_1), vae=full_path("vae", vae),
             text_encoder_2=full_path("text", text_encoder_2) if text_encoder_2 != NONE else "",
+            transformer_2=full_path("diffusion", diffusion_model_2) if diffusion_model_2 != NONE else "",
             tokenizers=tokenizers_path.strip() or comfy_root(), configs=configs_path.strip(),
             weights="fp8" if weights == "fp8" else "compute",
         )

@@ -23,16 +23,19 @@ log = logging.getLogger(__name__)
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Tensors some real files carry that the transformers model has no place for (CLIP-L's projection head).
-_IGNORED = {FileKind.CLIP_TEXT: ("text_projection.weight", "logit_scale", "embeddings.position_ids")}
+# ComfyUI's umt5_xxl files also carry their tokenizer (a sentencepiece model as a uint8 tensor).
+_IGNORED = {FileKind.CLIP_TEXT: ("text_projection.weight", "logit_scale", "embeddings.position_ids"),
+            FileKind.UMT5_ENCODER: ("spiece_model",)}
 
 
 # Layers that keep the compute dtype under `weights: fp8`: the small input embedders and the output layers, as
 # diffusers' defaults intend. Not "norm": `model.enable_layerwise_casting` adds Flux's own skip pattern "norm",
 # which also keeps the AdaLN modulation linears (norm1.linear, ~1/3 of FLUX.1's weights) in bf16: 0.64 of the
 # memory instead of 0.50 (FLUX.1-dev on the meta device: 22.2 GiB bf16, 14.1 vs 11.1 GiB). ComfyUI's fp8 files
-# hold those layers in fp8 too. Qwen-Image's input layers are img_in / txt_in (and txt_norm).
+# hold those layers in fp8 too. Qwen-Image's input layers are img_in / txt_in (and txt_norm); Wan's are its
+# embedders (diffusers' own Wan skip list: patch_embedding, condition_embedder).
 FP8_SKIP_PATTERN = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "^proj_out$",
-                    "^img_in$", "^txt_in$", "^txt_norm$")
+                    "^img_in$", "^txt_in$", "^txt_norm$", "patch_embedding", "condition_embedder")
 
 
 def enable_fp8_storage(model: torch.nn.Module, *, compute_dtype: torch.dtype) -> None:
@@ -105,16 +108,20 @@ def _model_class(info: dict, name: str):
     return getattr(importlib.import_module(library), class_name)
 
 
-def load_transformer(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
+def load_transformer(info: dict, *, dtype: torch.dtype, part: str = "transformer") -> torch.nn.Module:
+    """The diffusion model (`part`: transformer, or Wan 2.2's second expert transformer_2)."""
     from .flux_layout import flux_to_diffusers
+    from .wan_layout import wan_transformer_to_diffusers
 
-    file = info["files"]["transformer"]
+    file = info["files"][part]
     state = dequantise(read_state(file), dtype=dtype)
     if file["kind"] == FileKind.FLUX_TRANSFORMER_BFL.value:
         state = flux_to_diffusers(state, path=file["path"])
+    elif file["kind"] == FileKind.WAN_TRANSFORMER.value:
+        state = wan_transformer_to_diffusers(state)
     # QWENIMAGE_TRANSFORMER files have diffusers' names already (see qwen_layout).
-    cls = _model_class(info, "transformer")
-    model = _empty(lambda: cls.from_config(info["components"]["transformer"]))
+    cls = _model_class(info, part)
+    model = _empty(lambda: cls.from_config(info["components"][part]))
     _fill(model, state, path=file["path"])
     _check_no_meta(model, file["path"])
     model.eval().requires_grad_(False)  # built, not loaded by from_pretrained: train mode would keep dropout on
@@ -143,19 +150,11 @@ def load_vae(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_text_encoder(info: dict, part: str, *, dtype: torch.dtype) -> torch.nn.Module:
-    import transformers
-
     file = info["files"][part]
     kind = FileKind(file["kind"])
-    config_dict = dict(info["components"][part])
-    if kind is FileKind.CLIP_TEXT:
-        cls, config = transformers.CLIPTextModel, transformers.CLIPTextConfig(**config_dict)
-    elif kind is FileKind.T5_ENCODER:
-        cls, config = transformers.T5EncoderModel, transformers.T5Config(**config_dict)
-    elif kind is FileKind.QWEN25_VL:
-        cls, config = transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLConfig(**config_dict)
-    else:
-        raise AssertionError(kind)
+    # CLIPTextModel, T5EncoderModel, UMT5EncoderModel, Qwen2_5_VLForConditionalGeneration: each with its config.
+    cls = _model_class(info, part)
+    config = cls.config_class(**info["components"][part])
     state = dequantise(read_state(file), dtype=dtype)
     for name in _IGNORED.get(kind, ()):
         state.pop(name, None)
@@ -168,7 +167,7 @@ def load_text_encoder(info: dict, part: str, *, dtype: torch.dtype) -> torch.nn.
             # states only, never the logits, so the head shares the token embedding instead of taking memory.
             state[LM_HEAD] = state["model.language_model.embed_tokens.weight"]
     model = _empty(lambda: cls(config))
-    # T5 files keep the embedding once (shared.weight); the encoder's copy is tied to it below.
+    # T5 / UMT5 files keep the embedding once (shared.weight); the encoder's copy is tied to it below.
     _fill(model, state, path=file["path"], allow_missing=("encoder.embed_tokens.weight",))
     model.tie_weights()
     _check_no_meta(model, file["path"])
@@ -187,7 +186,9 @@ def load_tokenizers(info: dict) -> dict[str, Any]:
     out = {}
     for name, folder in info["tokenizers"].items():
         class_name = info["model_index"].get(name, (None, None))[1]
-        if class_name == "CLIPTokenizer":
+        if folder.endswith(".safetensors"):  # the text-encoder file carries its own tokenizer (ComfyUI's umt5_xxl)
+            out[name] = _file_tokenizer(info, folder)
+        elif class_name == "CLIPTokenizer":
             # ComfyUI's CLIP tokenizer says model_max_length 8192; the text encoder has 77 positions.
             limit = info["components"]["text_encoder"]["max_position_embeddings"]
             out[name] = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=limit)
@@ -196,6 +197,24 @@ def load_tokenizers(info: dict) -> dict[str, Any]:
         else:
             out[name] = transformers.AutoTokenizer.from_pretrained(folder)
     return out
+
+
+def _file_tokenizer(info: dict, path: str):
+    """The sentencepiece tokenizer inside a UMT5 text-encoder file (`spiece_model`, as ComfyUI reads it)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from ..pipelines import _read_json
+    from .wan_layout import SPIECE_KEY, spiece_tokenizer
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        proto = f.get_tensor(SPIECE_KEY).numpy().tobytes()
+    # The text length the pipeline pads to: the configs' tokenizer says it where there is one (a diffusers folder
+    # given as configs); else 512, WanPipeline's max_sequence_length.
+    config = Path(info["configs_dir"]) / "tokenizer" / "tokenizer_config.json"
+    limit = _read_json(config).get("model_max_length", 512) if config.is_file() else 512
+    return spiece_tokenizer(proto, max_length=int(min(limit, 512)))
 
 
 def load_files_pipeline(info: dict, *, components: Iterable[str], dtype: torch.dtype):
@@ -207,12 +226,17 @@ def load_files_pipeline(info: dict, *, components: Iterable[str], dtype: torch.d
     built: dict[str, Any] = {name: None for name in info["models"]}
     for name in wanted:
         log.info("loading %s from %s", name, info["files"][name]["path"])
-        if name == "transformer":
-            built[name] = load_transformer(info, dtype=dtype)
+        if name.startswith("transformer"):
+            built[name] = load_transformer(info, dtype=dtype, part=name)
         elif name == "vae":
             built[name] = load_vae(info, dtype=dtype)
         else:
             built[name] = load_text_encoder(info, name, dtype=dtype)
+    index = info["model_index"]
     scheduler = _model_class(info, "scheduler").from_config(info["components"]["scheduler"])
-    pipeline = getattr(diffusers, info["model_index"]["_class_name"])
-    return pipeline(scheduler=scheduler, **load_tokenizers(info), **built)
+    # The pipeline's own settings in model_index.json (Wan: boundary_ratio, expand_timesteps) and the components
+    # it lists as absent (Wan 2.1: transformer_2 null).
+    settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None and k not in built}
+    pipeline = getattr(diffusers, index["_class_name"])
+    return pipeline(scheduler=scheduler, **load_tokenizers(info), **built, **absent, **settings)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ..errors import ModelError
 from .detect import FileInfo, count_blocks
+from .wan_vae_layout import vae_shape_checks
 
 # (original checkpoint prefix, transformers 5 prefix) of Qwen2_5_VLForConditionalGeneration's tensors.
 _TEXT_ENCODER_PREFIXES = (("model.", "model.language_model."), ("visual.", "model.visual."), ("lm_head.", "lm_head."))
@@ -51,13 +52,12 @@ def _text_config(config: dict) -> dict:
     return config.get("text_config") or config
 
 
-def shape_checks(infos: dict[str, FileInfo], components: dict) -> list[tuple[FileInfo, str, object, object]]:
+def qwen_shape_checks(infos: dict[str, FileInfo], components: dict) -> list[tuple[FileInfo, str, object, object]]:
     """(file, what, found in the file, what the config says) for each shape that fixes the architecture."""
     t, tcfg = infos["transformer"], components["transformer"]
     inner = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     e, ecfg = infos["text_encoder"], components["text_encoder"]
     text, vision = _text_config(ecfg), ecfg.get("vision_config") or {}
-    v, vcfg = infos["vae"], components["vae"]
     patch = vision.get("patch_size", 14)
     return [
         (t, "img_in.weight shape", t.shapes.get("img_in.weight"), (inner, tcfg["in_channels"])),
@@ -68,10 +68,5 @@ def shape_checks(infos: dict[str, FileInfo], components: dict) -> list[tuple[Fil
         (e, "number of layers", count_blocks(e.shapes, "model.layers"), text["num_hidden_layers"]),
         (e, "vision tower's patch embedding shape", e.shapes.get("visual.patch_embed.proj.weight"),
          (vision.get("hidden_size"), vision.get("in_channels", 3), vision.get("temporal_patch_size", 2), patch, patch)),
-        (v, "encoder.conv1.weight rows (base channels)", (v.shapes.get("encoder.conv1.weight") or (None,))[0],
-         vcfg["base_dim"]),
-        (v, "encoder.head.2.weight rows (2 × latent channels)", (v.shapes.get("encoder.head.2.weight") or (None,))[0],
-         2 * vcfg["z_dim"]),
-        (v, "number of decoder blocks", count_blocks(v.shapes, "decoder.upsamples"),
-         len(vcfg["dim_mult"]) * (vcfg["num_res_blocks"] + 2) - 1),
+        *vae_shape_checks(infos["vae"], components["vae"]),
     ]

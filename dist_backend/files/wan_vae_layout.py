@@ -6,7 +6,10 @@ Why our own converter: diffusers' `convert_wan_vae_to_diffusers` has the real VA
 (the decoder's flat `upsamples.N` index → up block is a fixed table for two residual blocks per level), so it
 cannot read another layout (our tiny test files have one). Ours takes the layout from the VAE config
 (`num_res_blocks`, `dim_mult`) and is checked against diffusers' converter on the real layout's names
-(tests/unit/test_qwen_single_file.py).
+(tests/unit/test_qwen_single_file.py, with the shipped Qwen-Image and Wan 2.1 VAE configs).
+
+Also the few shapes of such a file checked on the host against the VAE config (`vae_shape_checks`), for both
+families that use it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import re
 
 from ..errors import ModelError
+from .detect import FileInfo, count_blocks
 
 # Inside a residual block: (original, diffusers). The original block is Sequential(norm, SiLU, conv, norm, SiLU,
 # Dropout, conv) plus a 1x1x1 shortcut.
@@ -96,3 +100,14 @@ def diffusers_to_wan_vae(sd: dict, *, config: dict) -> dict:
                     break
         out[new or name] = t
     return out
+
+
+def vae_shape_checks(v: FileInfo, config: dict) -> list[tuple[FileInfo, str, object, object]]:
+    """(file, what, found in the file, what the config says) for the shapes that fix the VAE's architecture."""
+    return [
+        (v, "encoder.conv1.weight rows (base channels)", (v.shapes.get("encoder.conv1.weight") or (None,))[0],
+         config["base_dim"]),
+        (v, "encoder.head.2.weight rows (2 × latent channels)", (v.shapes.get("encoder.head.2.weight") or (None,))[0],
+         2 * config["z_dim"]),
+        (v, "number of decoder blocks", count_blocks(v.shapes, "decoder.upsamples"), len(_decoder_blocks(config))),
+    ]

@@ -6,6 +6,7 @@ down stops every rank."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import json
 import os
@@ -28,7 +29,7 @@ EXAMPLES = REPO_ROOT / "example_workflows"
 # Our-nodes-only examples (example_workflows/build.py EXAMPLES); the interop ones run in test_latent_interop.py.
 API_FILES = [EXAMPLES / f"{name}.api.json" for name in ("data_parallel", "device_map_staged", "hybrid_dp_ulysses",
                                                         "ring", "ulysses", "cfg_parallel", "regional_compile",
-                                                        "step_cache")]
+                                                        "step_cache", "single_files")]
 TINY_NAME = "distdiff-tiny-flux"
 pytestmark = pytest.mark.keeps_ranks  # the module's ComfyUI keeps its sidecar up between tests, on purpose
 NODE_TYPES = ("LoadSharded", "EncodeOnGPUs", "ParallelDenoise", "DecodeVAE", "DistDiffReleaseGPUs", "DistDiffLoRA",
@@ -49,9 +50,41 @@ def loras_root(tiny_dirs, tmp_path_factory):
     return root
 
 
+# The example's single files (example_workflows/build.py TINY_FILES): written part -> the node input it fills.
+_FILE_INPUTS = {"transformer": "diffusion_model", "text_encoder": "text_encoder_1", "text_encoder_2": "text_encoder_2",
+                "vae": "vae"}
+_FILE_FOLDERS = {"transformer": "diffusion_models", "text_encoder": "text_encoders", "text_encoder_2": "text_encoders",
+                 "vae": "vae"}
+
+
 @pytest.fixture(scope="module")
-def server(comfy_module_server_factory, models_root, loras_root):
-    srv = comfy_module_server_factory(model_paths={"diffusers": [str(models_root)], "loras": [str(loras_root)]})
+def files_root(tiny_dirs, tmp_path_factory):
+    """ComfyUI model folders holding the tiny Flux as single files (ComfyUI's prefix) under the example's names."""
+    from dist_backend.files.tiny_files import write_flux_files
+
+    spec = importlib.util.spec_from_file_location("distdiff_example_build", EXAMPLES / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    root = tmp_path_factory.mktemp("model-files")
+    for part, path in write_flux_files(tiny_dirs["flux"], root / "written", storage="fp32", comfy_prefix=True).items():
+        (root / _FILE_FOLDERS[part]).mkdir(exist_ok=True)
+        Path(path).rename(root / _FILE_FOLDERS[part] / build.TINY_FILES[_FILE_INPUTS[part]])
+    return root
+
+
+def for_tiny_files(prompt: dict, tiny_dir: Path) -> dict:
+    """A DistDiffLoadFiles example made to load the tiny model: its architecture and tokenizers are the tiny
+    folder's (a real model's come from the shipped configs and this ComfyUI's tokenizers: the paths left empty)."""
+    for node in prompt.values():
+        if node["class_type"] == "DistDiffLoadFiles":
+            node["inputs"].update(tokenizers_path=str(tiny_dir), configs_path=str(tiny_dir))
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def server(comfy_module_server_factory, models_root, loras_root, files_root):
+    srv = comfy_module_server_factory(model_paths={"diffusers": [str(models_root)], "loras": [str(loras_root)],
+                                                   **{f: [str(files_root / f)] for f in set(_FILE_FOLDERS.values())}})
     yield srv
     # ComfyUI's own release route, then the server stops at module teardown; no rank may survive either.
     srv._http("POST", "/distdiff/release", {})
@@ -86,17 +119,27 @@ def lora_args(prompt: dict, loras_root: Path) -> list[str]:
     return [arg for item in chain for arg in ("--lora", item)]
 
 
+def cli_source(prompt: dict, model_dir: Path, files_root: Path | None) -> tuple[dict, list[str]]:
+    """(the loader node's inputs, the CLI's model arguments): --model, or --files for DistDiffLoadFiles."""
+    if not any(n["class_type"] == "DistDiffLoadFiles" for n in prompt.values()):
+        return prompt[node_id(prompt, "LoadSharded")]["inputs"], ["--model", str(model_dir)]
+    load_in = prompt[node_id(prompt, "DistDiffLoadFiles")]["inputs"]
+    files = ",".join(f"{part}={files_root / _FILE_FOLDERS[part] / load_in[name]}" for part, name in _FILE_INPUTS.items())
+    return load_in, ["--files", files, "--family", load_in["family"], "--tokenizers", load_in["tokenizers_path"],
+                     "--configs", load_in["configs_path"]]
+
+
 def cli_pixels(prompt: dict, model_dir: Path, out: Path, loras_root: Path,
-               extra: tuple[str, ...] = ()) -> list[np.ndarray]:
+               files_root: Path | None = None, extra: tuple[str, ...] = ()) -> list[np.ndarray]:
     """The CLI run with the workflow's settings (the contract: the node graph and the CLI agree), as ComfyUI's
     SaveImage would write it. SaveImage truncates (uint8(255 × x)) where the CLI's PNGs round like diffusers
     (round(255 × x)), so the comparison uses the CLI's float images, saved next to its PNGs."""
     import torch
 
-    load_in = prompt[node_id(prompt, "LoadSharded")]["inputs"]
+    load_in, source = cli_source(prompt, model_dir, files_root)
     den = prompt[node_id(prompt, "ParallelDenoise")]["inputs"]
     prompts = [p.strip() for p in prompt[node_id(prompt, "EncodeOnGPUs")]["inputs"]["prompt"].splitlines() if p.strip()]
-    cmd = [sys.executable, "-m", "dist_backend", "generate", "--model", str(model_dir), "--out", str(out),
+    cmd = [sys.executable, "-m", "dist_backend", "generate", *source, "--out", str(out),
            "--seed", str(den["seed"]), "--steps", str(den["steps"]), "--guidance", str(den["guidance"]),
            "--height", str(den["height"]), "--width", str(den["width"]),
            "--images-per-prompt", str(den["images_per_prompt"]),
@@ -135,8 +178,8 @@ def test_nodes_are_registered_with_tooltips_and_descriptions(server):
 
 
 @pytest.mark.parametrize("api_file", API_FILES, ids=[p.name.split(".")[0] for p in API_FILES])
-def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, loras_root, tmp_path_factory):
-    prompt = load(api_file.name)
+def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, loras_root, files_root, tmp_path_factory):
+    prompt = for_tiny_files(load(api_file.name), tiny_dirs["flux"])
     prompt_id, events = server.run(prompt, timeout=240)
     kinds = [e["type"] for e in events]
     assert "execution_error" not in kinds, next(e for e in events if e["type"] == "execution_error")
@@ -149,7 +192,7 @@ def test_example_workflow_matches_the_cli(server, api_file, tiny_dirs, loras_roo
     else:
         assert len(progress) >= steps  # one message per step at least
     got = output_pixels(server, prompt_id)
-    want = cli_reference(prompt, tiny_dirs["flux"], tmp_path_factory, api_file.name, loras_root)
+    want = cli_reference(prompt, tiny_dirs["flux"], tmp_path_factory, api_file.name, loras_root, files_root)
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         assert g.shape == w.shape == (64, 64, 3)
@@ -202,11 +245,12 @@ def test_strategy_auto_plans_the_layout_explains_it_and_equals_the_manual_run(se
 _CLI_PIXELS: dict[str, list[np.ndarray]] = {}
 
 
-def cli_reference(prompt: dict, model_dir: Path, tmp_path_factory, name: str, loras_root: Path) -> list[np.ndarray]:
+def cli_reference(prompt: dict, model_dir: Path, tmp_path_factory, name: str, loras_root: Path,
+                  files_root: Path | None = None) -> list[np.ndarray]:
     """The CLI's pixels for an example workflow, computed once per test session: every ComfyUI host is compared
     against the same CLI run (the CLI does not depend on the host, and each run costs a sidecar start)."""
     if name not in _CLI_PIXELS:
-        _CLI_PIXELS[name] = cli_pixels(prompt, model_dir, tmp_path_factory.mktemp("cli"), loras_root)
+        _CLI_PIXELS[name] = cli_pixels(prompt, model_dir, tmp_path_factory.mktemp("cli"), loras_root, files_root)
     return _CLI_PIXELS[name]
 
 

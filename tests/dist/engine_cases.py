@@ -67,3 +67,39 @@ def reference_images(pipes, family: str, latents: torch.Tensor) -> torch.Tensor:
 def generate(session, model_dir, family: str, prompts: list[str], *, seed: int, images_per_prompt: int = 1):
     return session.generate(model_dir=model_dir, prompts=prompts, seed=seed, steps=STEPS,
                             guidance=GUIDANCE[family], images_per_prompt=images_per_prompt, **SIZE[family])
+
+
+def generate_once(config, model, family: str, prompts: list[str], *, seed: int):
+    """(latents, images, the CP modes it ran) of one `generate` on a fresh Session of `config`, closed after."""
+    from dist_backend.session import Session
+
+    session = Session(config)
+    try:
+        latents, images = generate(session, model, family, prompts, seed=seed)
+        return latents, images, session.last_cp_modes
+    finally:
+        session.close()
+
+
+def with_file_weights(pipe, *, parts: tuple[str, ...], storage: str, keep: tuple[str, ...] = ()):
+    """A copy of a folder's pipeline holding the weights the single-file fixtures of `storage` hold for `parts`
+    (tiny_files): fp16 rounds every tensor; scaled_fp8 replaces each linear weight (2-D, name not ending in `keep`)
+    by its scaled fp8 round trip, one scale per tensor. (Flux's files fuse layers, so share scales: test_files.)"""
+    import copy
+
+    from dist_backend.files.tiny_files import quantise
+
+    pipe = copy.deepcopy(pipe)
+    for name in parts:
+        module = getattr(pipe, name)
+        if module is None:  # Wan 2.1 has no transformer_2
+            continue
+        state = module.state_dict()
+        for key, t in state.items():
+            if storage == "fp16":
+                state[key] = t.half().float()
+            elif key.endswith(".weight") and t.ndim == 2 and not key.endswith(keep):
+                q, scale = quantise(t, scaled=True)
+                state[key] = q.float() * scale
+        module.load_state_dict(state)
+    return pipe

@@ -15,8 +15,7 @@ from dist_backend.files import ModelFiles
 from dist_backend.files.assemble import enable_fp8_storage
 from dist_backend.files.tiny_files import quantise, write_flux_files
 from dist_backend.images import to_uint8
-from dist_backend.session import Session
-from tests.dist.engine_cases import generate, reference, reference_images
+from tests.dist.engine_cases import generate_once, reference, reference_images
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 
@@ -73,11 +72,8 @@ def test_fp32_files_with_comfy_prefix_give_the_folder_latents_on_two_ranks(flux_
     # The weights are bit-identical to the folder's (tests/unit/test_single_file.py); the latents can differ in
     # the last bit because CPU matmul kernels round differently for differently aligned weight memory (measured
     # 2.4e-7 between folder and files on the same ranks), so the bound is the dp test's.
-    session = Session(SessionConfig(world_size=2, threads_per_rank=1))
-    try:
-        latents, images = generate(session, flux_files["fp32"], "flux", PROMPTS, seed=3)
-    finally:
-        session.close()
+    latents, images, _ = generate_once(SessionConfig(world_size=2, threads_per_rank=1), flux_files["fp32"], "flux",
+                                       PROMPTS, seed=3)
     expected = reference(tiny_pipes, "flux", PROMPTS, seed=3)
     diff = float((latents - expected).abs().max())
     print(f"\n[measured] fp32 files, dp2: max abs latent diff vs the folder in one process = {diff:.3e}")
@@ -86,12 +82,9 @@ def test_fp32_files_with_comfy_prefix_give_the_folder_latents_on_two_ranks(flux_
 
 
 def test_scaled_fp8_files_under_ulysses_equal_the_dequantised_weights_in_one_process(flux_files, tiny_pipes):
-    session = Session(SessionConfig(world_size=2, ulysses=2, threads_per_rank=1))
-    try:
-        latents, _ = generate(session, flux_files["scaled_fp8"], "flux", PROMPTS[:1], seed=4)
-        assert session.last_cp_modes == ["ulysses", "ulysses"]
-    finally:
-        session.close()
+    latents, _, modes = generate_once(SessionConfig(world_size=2, ulysses=2, threads_per_rank=1),
+                                      flux_files["scaled_fp8"], "flux", PROMPTS[:1], seed=4)
+    assert modes == ["ulysses", "ulysses"]
     expected = reference({"flux": dequantised_pipe(tiny_pipes["flux"], scaled=True)}, "flux", PROMPTS[:1], seed=4)
     plain = reference(tiny_pipes, "flux", PROMPTS[:1], seed=4)
     diff = float((latents - expected).abs().max())
@@ -104,11 +97,8 @@ def test_scaled_fp8_files_under_ulysses_equal_the_dequantised_weights_in_one_pro
 def test_fp8_storage_keeps_fp8_weights_and_equals_layerwise_casting_in_one_process(flux_files, tiny_pipes):
     # Staged offload: every stage loads its part from the files again, so the files path of Residency is used too.
     files = ModelFiles(**{**flux_files["fp8"].to_message(), "weights": "fp8"})
-    session = Session(SessionConfig(world_size=2, threads_per_rank=1, offload="staged"))
-    try:
-        latents, _ = generate(session, files, "flux", PROMPTS, seed=5)
-    finally:
-        session.close()
+    latents, _, _ = generate_once(SessionConfig(world_size=2, threads_per_rank=1, offload="staged"), files, "flux",
+                                  PROMPTS, seed=5)
     pipe = dequantised_pipe(tiny_pipes["flux"], scaled=False)
     unstored = reference({"flux": pipe}, "flux", PROMPTS, seed=5)
     enable_fp8_storage(pipe.transformer, compute_dtype=torch.float32)

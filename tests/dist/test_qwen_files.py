@@ -5,18 +5,16 @@ layerwise casting under Ulysses (quantised here by the fixture, not by the loade
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from dist_backend.config import SessionConfig
 from dist_backend.files import ModelFiles
 from dist_backend.files.assemble import enable_fp8_storage
-from dist_backend.files.tiny_files import quantise, write_qwenimage_files
+from dist_backend.files.tiny_files import write_qwenimage_files
 from dist_backend.images import to_uint8
-from dist_backend.session import Session
-from tests.dist.engine_cases import generate, prompts_with_text_length, reference, reference_images
+from tests.dist.engine_cases import (generate_once, prompts_with_text_length, reference, reference_images,
+                                     with_file_weights)
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 
@@ -31,28 +29,9 @@ def qwen_files(tiny_dirs, tmp_path_factory):
             for storage in ("fp32", "scaled_fp8")}
 
 
-def dequantised_pipe(pipe):
-    """The folder's pipeline with the transformer's and text encoder's linear weights replaced by their scaled fp8
-    round trip, as the fixture files hold them (tiny_files._fp8_candidate: 2-D weights but the token embedding;
-    lm_head is not in the files, and only the logits read it)."""
-    pipe = copy.deepcopy(pipe)
-    for name in ("transformer", "text_encoder"):
-        module = getattr(pipe, name)
-        state = module.state_dict()
-        for key, t in state.items():
-            if key.endswith(".weight") and t.ndim == 2 and not key.endswith(("embed_tokens.weight", "lm_head.weight")):
-                q, scale = quantise(t, scaled=True)
-                state[key] = q.float() * scale
-        module.load_state_dict(state)
-    return pipe
-
-
 def test_fp32_files_with_comfy_prefix_give_the_folder_latents_on_two_ranks(qwen_files, tiny_pipes):
-    session = Session(SessionConfig(world_size=2, threads_per_rank=1))
-    try:
-        latents, images = generate(session, qwen_files["fp32"], "qwenimage", PROMPTS, seed=3)
-    finally:
-        session.close()
+    latents, images, _ = generate_once(SessionConfig(world_size=2, threads_per_rank=1), qwen_files["fp32"],
+                                       "qwenimage", PROMPTS, seed=3)
     expected = reference(tiny_pipes, "qwenimage", PROMPTS, seed=3)
     diff = float((latents - expected).abs().max())
     print(f"\n[measured] qwen-image fp32 files, dp2: max abs latent diff vs the folder in one process = {diff:.3e}")
@@ -65,13 +44,13 @@ def test_fp32_files_with_comfy_prefix_give_the_folder_latents_on_two_ranks(qwen_
 def test_scaled_fp8_files_kept_in_fp8_under_ulysses_equal_the_same_weights_in_one_process(qwen_files, tiny_pipes):
     prompts = prompts_with_text_length(tiny_pipes["qwenimage"], divisible_by=2, count=1)
     files = ModelFiles(**{**qwen_files["scaled_fp8"].to_message(), "weights": "fp8"})
-    session = Session(SessionConfig(world_size=2, ulysses=2, threads_per_rank=1))
-    try:
-        latents, _ = generate(session, files, "qwenimage", prompts, seed=4)
-        assert set(session.last_cp_modes) <= {"ulysses", "ulysses_anything"}
-    finally:
-        session.close()
-    pipe = dequantised_pipe(tiny_pipes["qwenimage"])
+    latents, _, modes = generate_once(SessionConfig(world_size=2, ulysses=2, threads_per_rank=1), files, "qwenimage",
+                                      prompts, seed=4)
+    assert set(modes) <= {"ulysses", "ulysses_anything"}
+    # The weights the fixture files hold: 2-D weights but the token embedding; lm_head is not in the files, and
+    # only the logits read it.
+    pipe = with_file_weights(tiny_pipes["qwenimage"], parts=("transformer", "text_encoder"), storage="scaled_fp8",
+                             keep=("embed_tokens.weight", "lm_head.weight"))
     dequantised = reference({"qwenimage": pipe}, "qwenimage", prompts, seed=4)
     enable_fp8_storage(pipe.transformer, compute_dtype=torch.float32)
     expected = reference({"qwenimage": pipe}, "qwenimage", prompts, seed=4)

@@ -23,7 +23,7 @@ def test_every_example_has_both_formats_and_they_agree():
     build = _build()
     assert set(build.EXAMPLES) == {"data_parallel", "ulysses", "ring", "device_map_staged", "hybrid_dp_ulysses",
                                   "cfg_parallel", "regional_compile", "step_cache", "lora_chain",
-                                  "auto_plan"}
+                                  "auto_plan", "single_files"}
     assert set(build.INTEROP_EXAMPLES) == {"img2img", "comfy_vae_decode"}
     for name in (*build.EXAMPLES, *build.INTEROP_EXAMPLES):
         api = json.loads((ROOT / f"{name}.api.json").read_text())

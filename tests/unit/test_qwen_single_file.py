@@ -1,6 +1,6 @@
 """Qwen-Image from single files (ComfyUI's qwen_image_*, qwen_2.5_vl_7b*, qwen_image_vae): detection from headers
-only with each bad input of the issue, the Wan-VAE layout converter against diffusers' own, the shipped configs,
-and the assembled pipeline's weights against the diffusers folder's."""
+only with each bad input of the issue, the Wan-VAE layout converter (Qwen-Image's and Wan's) against diffusers'
+own, the shipped configs, and the assembled pipeline's weights against the diffusers folder's."""
 
 from __future__ import annotations
 
@@ -112,26 +112,32 @@ def test_a_language_model_without_the_vision_tower_is_refused(files, tiny_dirs, 
         read_files_config(qwen(files["fp32"], tiny_dirs, text_encoder=str(lm_only)))
 
 
-def test_our_wan_vae_converter_equals_diffusers_on_the_real_layout(tiny_dirs):
-    """diffusers' converter has the real VAE's block table built in, so both run on the real layout's names (one
+@pytest.mark.parametrize("model", ["qwen-image", "wan2.1-t2v-1.3b", "tiny qwenimage", "tiny wan"])
+def test_our_wan_vae_converter_equals_diffusers_on_the_real_layout(model, tiny_dirs):
+    """The one Wan-VAE converter, for Qwen-Image's and Wan's VAE (AutoencoderKLQwenImage, AutoencoderKLWan).
+    diffusers' converter has the real VAE's block table built in, so both run on the real layout's names (one
     element per tensor); ours also reads the tiny layout, and each direction inverts the other."""
-    from diffusers import AutoencoderKLQwenImage
+    import diffusers
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     from dist_backend.files.wan_vae_layout import diffusers_to_wan_vae, wan_vae_to_diffusers
 
-    for config in (json.loads((CONFIGS_ROOT / "qwen-image" / "vae" / "config.json").read_text()),
-                   json.loads((tiny_dirs["qwenimage"] / "vae" / "config.json").read_text())):
-        with torch.device("meta"):
-            names = list(AutoencoderKLQwenImage.from_config(config).state_dict())
-        ours = {n: torch.tensor([float(i)]) for i, n in enumerate(names)}
-        original = diffusers_to_wan_vae(ours, config=config)
-        assert "decoder.upsamples.0.residual.0.gamma" in original and "decoder.head.0.gamma" in original
-        back = wan_vae_to_diffusers(dict(original), config=config)
-        assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
-        if config["num_res_blocks"] == 2:
-            theirs = convert_wan_vae_to_diffusers(dict(original))
-            assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    root = tiny_dirs[model.split()[1]] if model.startswith("tiny ") else CONFIGS_ROOT / model
+    config = json.loads((root / "vae" / "config.json").read_text())
+    cls = getattr(diffusers, json.loads((root / "model_index.json").read_text())["vae"][1])
+    with torch.device("meta"):
+        names = list(cls.from_config(config).state_dict())
+    ours = {n: torch.tensor([float(i)]) for i, n in enumerate(names)}
+    original = diffusers_to_wan_vae(ours, config=config)
+    assert "decoder.upsamples.0.residual.0.gamma" in original and "decoder.head.0.gamma" in original
+    back = wan_vae_to_diffusers(dict(original), config=config)
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+    assert (config["num_res_blocks"] == 2) is (not model.startswith("tiny "))  # the real depth; the tiny ones differ
+    if config["num_res_blocks"] == 2:
+        # The real decoder's flat list: upsampler after each level's three residual blocks (3, 7, 11).
+        assert "decoder.upsamples.3.resample.1.weight" in original and "decoder.upsamples.4.shortcut.weight" in original
+        theirs = convert_wan_vae_to_diffusers(dict(original))
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
 @pytest.fixture(scope="module")

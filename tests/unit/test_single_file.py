@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_backend.errors import ConfigError, ModelError, UnsupportedError
+from dist_backend.errors import ConfigError, ModelError
 from dist_backend.files import ModelFiles, parse_files_arg, read_files_config
 from dist_backend.files.detect import FileKind, inspect_file
 from dist_backend.files.tiny_files import write_flux_files
@@ -101,22 +101,6 @@ def test_missing_and_extra_parts_are_config_errors(files, tiny_dirs):
         parse_files_arg("transformer")
     assert parse_files_arg("transformer=/a.safetensors,vae=/b.safetensors") == {"transformer": "/a.safetensors",
                                                                                  "vae": "/b.safetensors"}
-
-
-def test_wan_files_are_recognised_but_refused_as_not_supported_yet(tmp_path):
-    from safetensors.torch import save_file
-
-    def header_only(name, keys):
-        path = tmp_path / name
-        save_file({k: torch.zeros(1) for k in keys}, str(path))
-        return str(path)
-
-    vae = header_only("wan_2.1_vae.safetensors", ["decoder.head.0.gamma"])
-    umt5 = header_only("umt5_xxl.safetensors", ["encoder.block.0.layer.0.SelfAttention.q.weight",
-                                                "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"])
-    with pytest.raises(UnsupportedError, match="wan from single files"):
-        read_files_config(ModelFiles(family="wan", vae=vae, text_encoder=umt5,
-                                     transformer=header_only("wan2.1_t2v.safetensors", ["patch_embedding.weight"])))
 
 
 def test_our_flux_converter_equals_diffusers_on_the_real_row_counts():
