@@ -25,7 +25,7 @@ TINY_LORAS = {"peft": "distdiff-tiny-flux-peft.safetensors", "kohya": "distdiff-
 WIDGETS = {
     "LoadSharded": ["model", "ranks", "dp", "ring", "ulysses", "device", "dtype", "offload", "gpus_per_rank",
                     "device_map", "max_memory", "attention_backend", "cfg", "compile", "cache", "cache_threshold",
-                    "model_path"],
+                    "gpus", "model_path"],
     "EncodeOnGPUs": ["prompt", "negative_prompt"],
     "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames",
                         "denoise", "true_cfg", "guidance_2"],
@@ -77,7 +77,7 @@ COMFY_DECODE = {  # our ParallelDenoise -> ComfyUI's own Load VAE + VAE Decode
 
 BASE_LOAD = dict(model=TINY_MODEL, ranks=2, dp=0, ring=1, ulysses=1, device="cpu", dtype="float32",
                  offload="resident", gpus_per_rank=1, device_map="none", max_memory="", attention_backend="",
-                 cfg=1, compile="none", cache="none", cache_threshold=0.0, model_path="")
+                 cfg=1, compile="none", cache="none", cache_threshold=0.0, gpus="", model_path="")
 BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1,
                     denoise=1.0, true_cfg=1.0, guidance_2=-1.0)
 

@@ -47,6 +47,12 @@ OPTIONAL = {
     "cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                   "tooltip": "first_block / magcache threshold; 0 = diffusers' default "
                                              "(0.05 / 0.06). Higher skips more."}),
+    # Last: saved UI workflows list widget values by position, so a new input goes after the old ones.
+    "gpus": ("STRING", {"default": "",
+                        "tooltip": "Which GPUs the ranks use, e.g. 0,1,2,3 (CUDA indices as this ComfyUI sees them), "
+                                   "in rank order; list exactly ranks × gpus_per_rank of them. Empty = GPUs 0 … "
+                                   "ranks × gpus_per_rank − 1. Leave ComfyUI's own GPU out of the list to keep it "
+                                   "free."}),
 }
 
 NAMES = (*REQUIRED, *OPTIONAL)
@@ -71,6 +77,6 @@ def session_config(settings: dict):
         dtype = "bfloat16"  # the node default is for GPUs; CPU kernels want bf16/fp32
     return SessionConfig(world_size=s["ranks"], dp=s["dp"], ring=s["ring"], ulysses=s["ulysses"], device=device,
                          dtype=dtype, offload=s["offload"], gpus_per_rank=s["gpus_per_rank"],
-                         device_map=s["device_map"], max_memory=s["max_memory"].strip(),
+                         gpu_ids=s["gpus"], device_map=s["device_map"], max_memory=s["max_memory"].strip(),
                          attention_backend=s["attention_backend"].strip(), cfg=s["cfg"], compile=s["compile"],
                          cache=s["cache"], cache_threshold=s["cache_threshold"])

@@ -74,12 +74,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def auto_session_config(args: argparse.Namespace):
     """(SessionConfig, Plan) for `generate --auto`: the planner fills dp, ring, ulysses and gpus_per_rank for
-    `--world-size` devices (CUDA: GPUs of this machine; CPU: rank processes). A degree given with a value other
+    `--world-size` devices (CUDA: GPUs of this machine, or the `--gpus` listed; CPU: rank processes). A degree given with a value other
     than its default counts as set by hand; the rest (device, dtype, attention backend, threads) comes from the
     flags as without --auto."""
     import os
 
-    from ..config import SessionConfig
+    from ..config import SessionConfig, parse_gpu_ids
     from .hardware import Gpus, detect_gpus
     from .model_facts import read_model_facts
     from .planner import Hand, Request, plan, session_kwargs
@@ -92,10 +92,15 @@ def auto_session_config(args: argparse.Namespace):
                               ("gpus_per_rank", args.gpus_per_rank)) if v not in (0, 1)}
     if args.offload != "resident":
         hand["offload"] = args.offload
+    ids = parse_gpu_ids(getattr(args, "gpus", ""), name="--gpus")
+    if ids and args.world_size not in (1, len(ids)):
+        raise ConfigError(f"--world-size {args.world_size} with --gpus {','.join(map(str, ids))} ({len(ids)} GPUs): "
+                          "under --auto the planner uses every listed GPU; drop --world-size or list "
+                          f"{args.world_size} GPUs")
     if args.device == "cuda":
-        found = detect_gpus()
-        gpus = Gpus(count=args.world_size, memory=found.memory, interconnect=found.interconnect, flops=found.flops,
-                    name=found.name)
+        found = detect_gpus(ids or None)  # the listed GPUs' memory and links, not the machine's first ones
+        gpus = Gpus(count=len(ids) or args.world_size, memory=found.memory, interconnect=found.interconnect,
+                    flops=found.flops, name=found.name)
     else:
         # CPU ranks: the cost model is the GPUs' and says nothing true about CPU speed; what the plan gives here
         # is a layout the engine can run. Each rank process counts as one device with its share of the RAM.
@@ -107,7 +112,8 @@ def auto_session_config(args: argparse.Namespace):
                       negative_prompt=args.negative_prompt, steps=args.steps)
     chosen = plan(model=read_model_facts(args.model), gpus=gpus, request=request, hand=Hand(**hand))
     kwargs = session_kwargs(chosen, device=args.device, dtype=args.dtype)
-    config = SessionConfig(**kwargs, attention_backend=args.attention_backend, threads_per_rank=args.threads_per_rank,
+    config = SessionConfig(**kwargs, gpu_ids=ids, attention_backend=args.attention_backend,
+                           threads_per_rank=args.threads_per_rank,
                            max_memory=args.max_memory if chosen.gpus_per_rank > 1 else "", compile=args.compile,
                            cache=args.cache, cache_threshold=args.cache_threshold)
     return config, chosen
