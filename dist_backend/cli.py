@@ -19,7 +19,7 @@ def _config_from_args(args: argparse.Namespace):
 
     return SessionConfig(
         world_size=args.world_size, dp=args.dp, cfg=args.cfg, ring=args.ring, ulysses=args.ulysses,
-        gpus_per_rank=args.gpus_per_rank, device=args.device, device_map=args.device_map,
+        gpus_per_rank=args.gpus_per_rank, gpu_ids=args.gpus, device=args.device, device_map=args.device_map,
         max_memory=args.max_memory, dtype=args.dtype, attention_backend=args.attention_backend,
         offload=args.offload, threads_per_rank=args.threads_per_rank, compile=args.compile, cache=args.cache,
         cache_threshold=args.cache_threshold,
@@ -65,6 +65,9 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ring", type=int, default=1, help="Ring-attention degree")
     g.add_argument("--ulysses", type=int, default=1, help="Ulysses-attention degree")
     g.add_argument("--gpus-per-rank", type=int, default=1, help="GPUs per rank (device_map sharding)")
+    g.add_argument("--gpus", default="", metavar="0,1,...",
+                   help="CUDA devices the ranks use, in rank order: exactly world-size × gpus-per-rank of them "
+                        "(default: 0 … world-size × gpus-per-rank − 1; with --auto: the planner plans for these)")
     g.add_argument("--device-map", default="none", choices=["none", "balanced", "auto"])
     g.add_argument("--max-memory", default="", help="per-GPU budget within a rank, e.g. 0=16GB,1=16GB")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -90,7 +90,10 @@ class SessionConfig:
     device: Device = Device.CPU
     """"cuda" (NCCL between ranks) or "cpu" (gloo)."""
     gpu_ids: tuple[int, ...] = ()
-    """CUDA device indices to use, in rank order; empty = 0 .. world_size × gpus_per_rank − 1."""
+    """The CUDA devices the ranks use (the `gpus` input, `--gpus 0,1`; a "0,1,2,3" string is read too), in rank order:
+    rank r gets ids r·g … r·g + g − 1 of the list, g = gpus_per_rank. Exactly world_size × gpus_per_rank distinct
+    indices ≥ 0, as this process's torch numbers them (after its CUDA_VISIBLE_DEVICES). Empty = 0 … world_size ×
+    gpus_per_rank − 1. Lets a user keep a GPU (ComfyUI's own) free."""
     device_map: DeviceMapPolicy = DeviceMapPolicy.NONE
     """How components are placed over a rank's GPUs when gpus_per_rank > 1."""
     max_memory: str = ""
@@ -130,7 +133,7 @@ class SessionConfig:
         for name, cls in (("device", Device), ("dtype", DType), ("offload", Offload), ("device_map", DeviceMapPolicy),
                           ("compile", Compile), ("cache", CacheMode)):
             object.__setattr__(self, name, _enum(cls, getattr(self, name), name))
-        object.__setattr__(self, "gpu_ids", tuple(int(g) for g in self.gpu_ids))
+        object.__setattr__(self, "gpu_ids", parse_gpu_ids(self.gpu_ids))
         object.__setattr__(self, "env", tuple((str(k), str(v)) for k, v in self.env))
         for name in ("world_size", "cfg", "ring", "ulysses", "gpus_per_rank"):
             value = getattr(self, name)
@@ -159,19 +162,26 @@ class SessionConfig:
             if self.gpus_per_rank != 1:
                 raise ConfigError(f"gpus_per_rank={self.gpus_per_rank} needs device='cuda'; on CPU each rank is one process")
             if self.gpu_ids:
-                raise ConfigError(f"gpu_ids={list(self.gpu_ids)} needs device='cuda'")
+                raise ConfigError(f"gpus={_ids(self.gpu_ids)} picks CUDA devices, but device is 'cpu': use device='cuda', "
+                                  "or leave gpus empty")
             if self.dtype is DType.FLOAT16:
                 raise ConfigError("dtype='float16' is not supported on device='cpu' (slow or missing CPU kernels); "
                                   "use 'bfloat16' or 'float32'")
         else:
             need = self.world_size * self.gpus_per_rank
-            if self.gpu_ids and len(self.gpu_ids) != need:
-                raise ConfigError(
-                    f"world_size ({self.world_size}) × gpus_per_rank ({self.gpus_per_rank}) = {need} GPUs, "
-                    f"but gpu_ids lists {len(self.gpu_ids)}: {list(self.gpu_ids)}"
-                )
             if len(set(self.gpu_ids)) != len(self.gpu_ids):
-                raise ConfigError(f"gpu_ids has duplicates: {list(self.gpu_ids)}; NCCL needs one GPU per rank")
+                twice = sorted({g for g in self.gpu_ids if self.gpu_ids.count(g) > 1})
+                raise ConfigError(f"gpus={_ids(self.gpu_ids)} names GPU {_ids(twice)} more than once; each rank needs GPUs "
+                                  "of its own (NCCL runs one rank per GPU): list distinct GPUs")
+            if self.gpu_ids and len(self.gpu_ids) != need:
+                per = self.gpus_per_rank
+                fix = f"list {need} GPUs"
+                if len(self.gpu_ids) % per == 0:
+                    fix += f", or set world_size (ranks) to {len(self.gpu_ids) // per} to use all {len(self.gpu_ids)}"
+                raise ConfigError(
+                    f"gpus={_ids(self.gpu_ids)} lists {len(self.gpu_ids)} GPUs, but world_size ({self.world_size}) × "
+                    f"gpus_per_rank ({per}) = {need} GPUs are used: {fix}"
+                )
         if self.gpus_per_rank > 1 and cp > 1:
             raise ConfigError(
                 f"gpus_per_rank={self.gpus_per_rank} with ring × ulysses = {cp}: context parallelism needs each rank's "
@@ -255,6 +265,30 @@ class SessionConfig:
         return cls(**data)
 
 
+def _ids(ids) -> str:
+    return ",".join(str(g) for g in ids)
+
+
+def parse_gpu_ids(value: Any, *, name: str = "gpus") -> tuple[int, ...]:
+    """"0,1,2,3" (spaces allowed) or a sequence of ints -> (0, 1, 2, 3); "" -> () (the default devices). ConfigError
+    naming `name` for anything that is not a list of CUDA indices ≥ 0."""
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    if isinstance(value, str) and not value.strip():
+        return ()
+    ids = []
+    for part in parts:
+        try:
+            gid = part if type(part) is int else int(str(part), 10)
+        except ValueError:
+            gid = None
+        if gid is None or gid < 0:
+            raise ConfigError(f"{name}={value if isinstance(value, str) else _ids(parts)!r}: {part!r} is not a GPU "
+                              "index; write CUDA device indices ≥ 0 separated by commas, e.g. '0,1' (empty = the "
+                              "first world_size × gpus_per_rank GPUs)")
+        ids.append(gid)
+    return tuple(ids)
+
+
 def check_devices(config: SessionConfig, *, local_ranks: int | None = None) -> None:
     """Checks that need the machine (not just the numbers): enough CUDA devices. Raises before any rank starts.
     `local_ranks`: how many of the ranks this machine starts (a cluster's head: its `local:N`); None = all."""
@@ -275,6 +309,10 @@ def check_device_count(config: SessionConfig, *, count: int, local_ranks: int | 
         raise ConfigError("device='cuda' but this machine has no usable CUDA device; use device='cpu'")
     ranks = config.world_size if local_ranks is None else local_ranks
     ids = tuple(g for rank in range(ranks) for g in config.rank_gpus(rank))
+    if config.gpu_ids and max(ids) >= count:
+        missing = _ids(g for g in ids if g >= count)
+        raise ConfigError(f"gpus={_ids(ids)} names GPU {missing}, but this process sees {count} CUDA device(s), "
+                          f"0–{count - 1}: list GPUs below {count}")
     if max(ids) < count:
         return
     need = ranks * config.gpus_per_rank

@@ -95,9 +95,11 @@ class RankEngine:
         from .lora import loaded_adapters
 
         pipe = self.residency.pipe if self.residency is not None else None
-        return {"rank": self.rank, "pid": os.getpid(),
+        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device),
                 "model": self.model_info["model_dir"] if self.model_info else None,
                 "loads": dict(self.residency.load_counts) if self.residency is not None else {},
+                # (component, device) in the order they were read: each was placed before the next was read.
+                "load_log": [list(e) for e in self.residency.load_log] if self.residency is not None else [],
                 "adapters": sorted(loaded_adapters(pipe)) if pipe is not None else []}
 
     def op_set_loras(self, message: dict) -> dict:

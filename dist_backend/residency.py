@@ -1,9 +1,14 @@
 """Which pipeline components are in memory on this rank, and the staged load/free of the guide.
 
-Loading goes through `DiffusionPipeline.from_pretrained` with the unwanted heavy components passed as None, so
-diffusers keeps doing the library-specific work (dtype, safetensors, tokenizers, schedulers); we only decide
-what is resident when. A model given as single files (`files_info`, see dist_backend.files) is built by
-`files.assemble.load_files_pipeline` instead, with the same "only these heavy components" contract.
+Heavy components (those with weights) are loaded one at a time, each straight onto the rank's device, before the
+next one is read: `<ModelClass>.from_pretrained(subfolder=..., device_map={"": device})` for a diffusers folder
+(diffusers and transformers read the safetensors memory-mapped and place tensor by tensor), or
+`files.assemble.load_files_component` for single files (memory-mapped with `safe_open`, converted tensor by tensor on
+the device). So a rank's host memory never holds more than the mapped pages of the file being read plus one tensor
+in conversion, and on the CPU, where the compute dtype equals the file's, the weights stay the mapped file pages
+themselves: N ranks share one copy in the page cache (bench/host_memory.py measures it). The pipeline around them
+(tokenizers, scheduler) comes from `DiffusionPipeline.from_pretrained` with the heavy components passed in, so
+diffusers keeps doing the library-specific work; we only decide what is resident when.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Residency:
         self.pipe = None
         self.loaded: set[str] = set()
         self.load_counts: dict[str, int] = {}  # component -> times read from disk (tests prove what was not reloaded)
+        self.load_log: list[tuple[str, str]] = []  # (component, device it landed on), in the order they were read
 
     def ensure(self, needed: Iterable[str]) -> Any:
         """Load what `needed` lacks; return the pipeline. Components not asked for are left as they are."""
@@ -48,40 +54,43 @@ class Residency:
             return self._load(missing)
 
     def _load(self, missing: set[str]) -> Any:
-        if self.files_info is not None:
-            from .files.assemble import load_files_pipeline
-
-            log.info("loading %s from single files", sorted(missing) or "pipeline shell")
-            fresh = load_files_pipeline(self.files_info, components=missing, dtype=self.dtype)
-        else:
-            fresh = self._from_folder(missing)
-        fresh.set_progress_bar_config(disable=True)  # progress goes to the host, not to the rank's log
-        for name in missing:
-            module = getattr(fresh, name)
-            if not getattr(module, "hf_device_map", None):  # device_map-placed modules are already where they go
-                module.to(self.device)
+        built: dict[str, Any] = {}
+        for name in (c for c in self.heavy if c in missing):  # the stage order: encoders, denoiser, VAE
+            module = self._read_component(name)
             module.eval().requires_grad_(False)
+            built[name] = module
+            # What was placed, in order: each component is on its device before the next one is read.
+            self.load_log.append((name, str(next(module.parameters()).device)))
         if self.pipe is None:
-            self.pipe = fresh
+            self.pipe = self._shell(built)
+            self.pipe.set_progress_bar_config(disable=True)  # progress goes to the host, not to the rank's log
         else:
-            self.pipe.register_modules(**{name: getattr(fresh, name) for name in missing})
+            self.pipe.register_modules(**built)
         self.loaded |= missing
         for name in missing:
             self.load_counts[name] = self.load_counts.get(name, 0) + 1
         return self.pipe
 
-    def _from_folder(self, missing: set[str]) -> Any:
+    def _read_component(self, name: str) -> torch.nn.Module:
+        if self.files_info is not None:
+            from .files.assemble import load_files_component
+
+            return load_files_component(self.files_info, name, dtype=self.dtype, device=self.device)
+        # device_map sharding over this rank's GPUs when planned, else the whole component on the rank's device.
+        kwargs = self._load_kwargs(name) or {"device_map": {"": str(self.device)}}
+        log.info("loading %s from %s (%s)", name, self.model_dir, kwargs)
+        return load_component(self.model_dir, name, dtype=self.dtype, **kwargs)
+
+    def _shell(self, built: dict[str, Any]) -> Any:
+        """The pipeline object with `built` in it and the other heavy components None (loaded later, if staged)."""
+        given = {c: built.get(c) for c in self.heavy}
+        if self.files_info is not None:
+            from .files.assemble import files_pipeline
+
+            return files_pipeline(self.files_info, built=given)
         from diffusers import DiffusionPipeline
 
-        skip: dict[str, Any] = {c: None for c in self.heavy if c not in missing}
-        for name in missing:
-            # A pipeline-level from_pretrained takes one string device_map for all components, so a component
-            # with its own placement (device_map sharding over this rank's GPUs) is loaded alone and passed in.
-            kwargs = self._load_kwargs(name)
-            if kwargs:
-                skip[name] = load_component(self.model_dir, name, dtype=self.dtype, **kwargs)
-        log.info("loading %s from %s", sorted(missing) or "pipeline shell", self.model_dir)
-        return DiffusionPipeline.from_pretrained(self.model_dir, dtype=self.dtype, **skip)
+        return DiffusionPipeline.from_pretrained(self.model_dir, dtype=self.dtype, **given)
 
     def release(self, names: Iterable[str]) -> None:
         """Drop components from memory (staged offload). The next `ensure` that needs them reloads them."""

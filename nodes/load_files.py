@@ -87,16 +87,17 @@ class LoadFiles:
             },
             "optional": {
                 **parallel_inputs.OPTIONAL,
-                "diffusion_model_2": ([NONE, *list_files("diffusion")], {
-                    "default": NONE, "tooltip": "Wan 2.2 A14B's second diffusion model (the low-noise expert; "
-                                                "diffusion_model is the high-noise one); none otherwise."}),
                 "tokenizers_path": ("STRING", {"default": "",
                                                "tooltip": "Folder with the tokenizers (a diffusers folder or a ComfyUI "
                                                           "install); empty = this ComfyUI's bundled tokenizers."}),
                 "configs_path": ("STRING", {"default": "",
                                             "tooltip": "A diffusers-layout folder whose config.json files describe the "
                                                        "architecture; empty = the configs shipped for the model."}),
-                **parallel_inputs.AUTO,
+                # After the first release's inputs: saved UI workflows list widget values by position.
+                "diffusion_model_2": ([NONE, *list_files("diffusion")], {
+                    "default": NONE, "tooltip": "Wan 2.2 A14B's second diffusion model (the low-noise expert; "
+                                                "diffusion_model is the high-noise one); none otherwise."}),
+                **parallel_inputs.ADDED,
             },
         }
 

@@ -31,7 +31,7 @@ class LoadSharded:
                 **parallel_inputs.OPTIONAL,
                 "model_path": ("STRING", {"default": "",
                                           "tooltip": "Absolute path of a diffusers folder; overrides model when set."}),
-                **parallel_inputs.AUTO,
+                **parallel_inputs.ADDED,
                 **cluster_inputs.OPTIONAL,  # last: saved workflows list widget values by position
             },
         }

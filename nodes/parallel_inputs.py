@@ -49,8 +49,9 @@ OPTIONAL = {
                                              "(0.05 / 0.06). Higher skips more."}),
 }
 
-AUTO = {
-    # Last among a loader's inputs: the UI format stores widget values by position, so saved workflows keep theirs.
+# Inputs added after the first release, in the order they came, last among a loader's inputs: the UI format
+# stores widget values by position, so saved workflows keep theirs.
+ADDED = {
     "strategy": (["manual", "auto"], {
         "default": "manual",
         "tooltip": "auto: the planner chooses dp, cfg, ring, ulysses, gpus_per_rank and offload for `ranks` devices "
@@ -61,9 +62,14 @@ AUTO = {
                    "image), and ParallelDenoise checks each real request: one the layout cannot run or fit is "
                    "refused before the ranks start on it, and a much faster layout for it is named in the log and "
                    "the DistDiff panel. manual: the degrees as set; the plan output explains them."}),
+    "gpus": ("STRING", {"default": "",
+                        "tooltip": "Which GPUs the ranks use, e.g. 0,1,2,3 (CUDA indices as this ComfyUI sees them), "
+                                   "in rank order; list exactly ranks × gpus_per_rank of them. Empty = GPUs 0 … "
+                                   "ranks × gpus_per_rank − 1. Leave ComfyUI's own GPU out of the list to keep it "
+                                   "free."}),
 }
 
-NAMES = (*REQUIRED, *OPTIONAL, *AUTO)
+NAMES = (*REQUIRED, *OPTIONAL, *ADDED)
 
 
 def split(kwargs: dict) -> tuple[dict, dict]:
@@ -73,7 +79,7 @@ def split(kwargs: dict) -> tuple[dict, dict]:
 
 def _resolved(settings: dict) -> dict:
     """The settings with defaults for optional ones not given, and device / dtype resolved."""
-    s = {**{k: spec[1]["default"] for k, spec in {**OPTIONAL, **AUTO}.items()}, **settings}
+    s = {**{k: spec[1]["default"] for k, spec in {**OPTIONAL, **ADDED}.items()}, **settings}
     if s["device"] == "auto":
         import torch
 
@@ -90,7 +96,7 @@ def session_config(settings: dict):
     s = _resolved(settings)
     return SessionConfig(world_size=s["ranks"], dp=s["dp"], ring=s["ring"], ulysses=s["ulysses"], device=s["device"],
                          dtype=s["dtype"], offload=s["offload"], gpus_per_rank=s["gpus_per_rank"],
-                         device_map=s["device_map"], max_memory=s["max_memory"].strip(),
+                         gpu_ids=s["gpus"], device_map=s["device_map"], max_memory=s["max_memory"].strip(),
                          attention_backend=s["attention_backend"].strip(), cfg=s["cfg"], compile=s["compile"],
                          cache=s["cache"], cache_threshold=s["cache_threshold"])
 
@@ -101,7 +107,7 @@ def planned_config(settings: dict, *, facts, weights: str = "bf16", per_node: tu
     callable giving the model's ModelFacts (read only when needed); `weights` is how the transformer is stored
     ("bf16", or "fp8" for single files loaded with weights fp8); `per_node` the devices of each machine when the
     ranks span several (a cluster's ranks per node, in rank order)."""
-    from ..dist_backend.config import SessionConfig
+    from ..dist_backend.config import SessionConfig, parse_gpu_ids
     from ..dist_backend.planning.auto import Strategy, plan_loader
     from ..dist_backend.planning.layout import Hand, session_kwargs
 
@@ -113,19 +119,20 @@ def planned_config(settings: dict, *, facts, weights: str = "bf16", per_node: tu
                     gpus_per_rank=config.gpus_per_rank, offload=config.offload, weights=weights)
         count = config.world_size * (config.gpus_per_rank if config.device.value == "cuda" else 1)
         return config, plan_loader(facts=facts, strategy=strategy, device=config.device.value, count=count,
-                                   hand=hand, per_node=per_node)
+                                   hand=hand, per_node=per_node, gpu_ids=config.gpu_ids)
     defaults = {"dp": 0, "cfg": 1, "ring": 1, "ulysses": 1, "gpus_per_rank": 1, "offload": "resident"}
     hand = {k: s[k] for k, default in defaults.items() if s[k] != default}
     if s["device"] != "cuda":
         hand["gpus_per_rank"] = 1  # CPU ranks have no device_map sharding
     if per_node:
         hand["gpus_per_rank"] = 1  # a cluster counts ranks per machine: one device each
-    loader_plan = plan_loader(facts=facts, strategy=strategy, device=s["device"], count=s["ranks"],
-                              hand=Hand(**hand, weights=weights), per_node=per_node)
+    gpu_ids = parse_gpu_ids(s["gpus"]) if s["device"] == "cuda" else ()  # on CPU SessionConfig refuses gpus
+    loader_plan = plan_loader(facts=facts, strategy=strategy, device=s["device"], count=len(gpu_ids) or s["ranks"],
+                              hand=Hand(**hand, weights=weights), per_node=per_node, gpu_ids=gpu_ids)
     kwargs = session_kwargs(loader_plan.plan, device=s["device"], dtype=s["dtype"])
     if loader_plan.plan.gpus_per_rank > 1 and s["device_map"] != "none":
         kwargs["device_map"] = s["device_map"]
     config = SessionConfig(**kwargs, max_memory=s["max_memory"].strip() if loader_plan.plan.gpus_per_rank > 1 else "",
                            attention_backend=s["attention_backend"].strip(), compile=s["compile"], cache=s["cache"],
-                           cache_threshold=s["cache_threshold"])
+                           cache_threshold=s["cache_threshold"], gpu_ids=s["gpus"])
     return config, loader_plan

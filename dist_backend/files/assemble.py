@@ -46,21 +46,26 @@ def enable_fp8_storage(model: torch.nn.Module, *, compute_dtype: torch.dtype) ->
                             skip_modules_pattern=FP8_SKIP_PATTERN)
 
 
-def dequantise(state: dict[str, torch.Tensor], *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def dequantise(state: dict[str, torch.Tensor], *, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """fp8 tensors -> `dtype` (times their layer's `scale_weight`, ComfyUI's scaled fp8); others cast to `dtype`.
-    `scale_weight` / `scale_input` entries are consumed. The one definition of the numerics (tests use it too)."""
+    `scale_weight` / `scale_input` entries are consumed. The one definition of the numerics (tests use it too).
+
+    Each tensor goes to `device` before it is converted: on a GPU the converted copy is made there, one tensor at a
+    time, so host memory holds only the memory-mapped file pages, never a converted copy of the whole part. On the
+    CPU a tensor already in `dtype` stays the memory-mapped one (no copy; ranks share its pages)."""
     out = {}
     for name, t in state.items():
         if name.endswith((".scale_weight", ".scale_input")):
             continue
         if t.dtype in _FP8:
-            w = t.to(torch.float32)
+            w = t.to(device).to(torch.float32)
             scale = state.get(name[: -len("weight")] + "scale_weight") if name.endswith(".weight") else None
             if scale is not None:
-                w = w * scale.to(torch.float32)
+                w = w * scale.to(device=device, dtype=torch.float32)
             out[name] = w.to(dtype)
         else:
-            out[name] = t.to(dtype)
+            out[name] = t.to(device=device, dtype=dtype)
     return out
 
 
@@ -108,13 +113,14 @@ def _model_class(info: dict, name: str):
     return getattr(importlib.import_module(library), class_name)
 
 
-def load_transformer(info: dict, *, dtype: torch.dtype, part: str = "transformer") -> torch.nn.Module:
+def load_transformer(info: dict, *, dtype: torch.dtype, part: str = "transformer",
+                     device: torch.device | str = "cpu") -> torch.nn.Module:
     """The diffusion model (`part`: transformer, or Wan 2.2's second expert transformer_2)."""
     from .flux_layout import flux_to_diffusers
     from .wan_layout import wan_transformer_to_diffusers
 
     file = info["files"][part]
-    state = dequantise(read_state(file), dtype=dtype)
+    state = dequantise(read_state(file), dtype=dtype, device=device)
     if file["kind"] == FileKind.FLUX_TRANSFORMER_BFL.value:
         state = flux_to_diffusers(state, path=file["path"])
     elif file["kind"] == FileKind.WAN_TRANSFORMER.value:
@@ -124,20 +130,21 @@ def load_transformer(info: dict, *, dtype: torch.dtype, part: str = "transformer
     model = _empty(lambda: cls.from_config(info["components"][part]))
     _fill(model, state, path=file["path"])
     _check_no_meta(model, file["path"])
+    model.to(device)  # the buffers made outside the file (the parameters are there already)
     model.eval().requires_grad_(False)  # built, not loaded by from_pretrained: train mode would keep dropout on
     if info["weights"] == "fp8":
         enable_fp8_storage(model, compute_dtype=dtype)
     return model
 
 
-def load_vae(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
+def load_vae(info: dict, *, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.nn.Module:
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     from .wan_vae_layout import wan_vae_to_diffusers
 
     file = info["files"]["vae"]
     config = info["components"]["vae"]
-    state = dequantise(read_state(file), dtype=dtype)
+    state = dequantise(read_state(file), dtype=dtype, device=device)
     if file["kind"] == FileKind.LDM_VAE.value:
         state = convert_ldm_vae_checkpoint(state, dict(config))
     elif file["kind"] == FileKind.WAN_VAE.value:
@@ -146,16 +153,17 @@ def load_vae(info: dict, *, dtype: torch.dtype) -> torch.nn.Module:
     model = _empty(lambda: cls.from_config(config))
     _fill(model, state, path=file["path"])
     _check_no_meta(model, file["path"])
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
-def load_text_encoder(info: dict, part: str, *, dtype: torch.dtype) -> torch.nn.Module:
+def load_text_encoder(info: dict, part: str, *, dtype: torch.dtype,
+                      device: torch.device | str = "cpu") -> torch.nn.Module:
     file = info["files"][part]
     kind = FileKind(file["kind"])
     # CLIPTextModel, T5EncoderModel, UMT5EncoderModel, Qwen2_5_VLForConditionalGeneration: each with its config.
     cls = _model_class(info, part)
     config = cls.config_class(**info["components"][part])
-    state = dequantise(read_state(file), dtype=dtype)
+    state = dequantise(read_state(file), dtype=dtype, device=device)
     for name in _IGNORED.get(kind, ()):
         state.pop(name, None)
     if kind is FileKind.QWEN25_VL:
@@ -171,6 +179,7 @@ def load_text_encoder(info: dict, part: str, *, dtype: torch.dtype) -> torch.nn.
     _fill(model, state, path=file["path"], allow_missing=("encoder.embed_tokens.weight",))
     model.tie_weights()
     _check_no_meta(model, file["path"])
+    model.to(device)  # the buffers made outside the file (position ids)
     if dtype == torch.float16:
         # As transformers' from_pretrained does: T5's feed-forward output ("wo") overflows in float16.
         keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
@@ -217,26 +226,38 @@ def _file_tokenizer(info: dict, path: str):
     return spiece_tokenizer(proto, max_length=int(min(limit, 512)))
 
 
-def load_files_pipeline(info: dict, *, components: Iterable[str], dtype: torch.dtype):
-    """The family's pipeline (model_index.json's class) with the heavy `components` built from their files, the
-    others None."""
+def load_files_component(info: dict, name: str, *, dtype: torch.dtype,
+                         device: torch.device | str = "cpu") -> torch.nn.Module:
+    """One heavy component built from its file, already on `device`."""
+    log.info("loading %s from %s onto %s", name, info["files"][name]["path"], device)
+    if name.startswith("transformer"):
+        return load_transformer(info, dtype=dtype, part=name, device=device)
+    if name == "vae":
+        return load_vae(info, dtype=dtype, device=device)
+    return load_text_encoder(info, name, dtype=dtype, device=device)
+
+
+def files_pipeline(info: dict, *, built: dict[str, Any]):
+    """The family's pipeline (model_index.json's class) around already built heavy components (`built`; the
+    others None) and the light parts (tokenizers, scheduler) from their folders."""
     import diffusers
 
-    wanted = set(components)
-    built: dict[str, Any] = {name: None for name in info["models"]}
-    for name in wanted:
-        log.info("loading %s from %s", name, info["files"][name]["path"])
-        if name.startswith("transformer"):
-            built[name] = load_transformer(info, dtype=dtype, part=name)
-        elif name == "vae":
-            built[name] = load_vae(info, dtype=dtype)
-        else:
-            built[name] = load_text_encoder(info, name, dtype=dtype)
     index = info["model_index"]
+    heavy = {name: built.get(name) for name in info["models"]}
     scheduler = _model_class(info, "scheduler").from_config(info["components"]["scheduler"])
     # The pipeline's own settings in model_index.json (Wan: boundary_ratio, expand_timesteps) and the components
     # it lists as absent (Wan 2.1: transformer_2 null).
     settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
-    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None and k not in built}
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None and k not in heavy}
     pipeline = getattr(diffusers, index["_class_name"])
-    return pipeline(scheduler=scheduler, **load_tokenizers(info), **built, **absent, **settings)
+    return pipeline(scheduler=scheduler, **load_tokenizers(info), **heavy, **absent, **settings)
+
+
+def load_files_pipeline(info: dict, *, components: Iterable[str], dtype: torch.dtype,
+                        device: torch.device | str = "cpu"):
+    """The family's pipeline with the heavy `components` built from their files (one after the other, each on
+    `device` before the next file is read), the others None."""
+    wanted = set(components)
+    built = {name: load_files_component(info, name, dtype=dtype, device=device)
+             for name in info["models"] if name in wanted}
+    return files_pipeline(info, built=built)

@@ -46,14 +46,15 @@ class Strategy(str, enum.Enum):
     AUTO = "auto"  # the planner chooses what was left at its default
 
 
-def devices(*, device: str, count: int, per_node: tuple[int, ...] = ()) -> Gpus:
+def devices(*, device: str, count: int, per_node: tuple[int, ...] = (), gpu_ids: tuple[int, ...] = ()) -> Gpus:
     """The `count` devices a plan is for: this machine's CUDA GPUs (their memory, link and compute), or CPU rank
     processes, each counted as a device with its share of the RAM. The cost model is the GPUs'; on CPU it says
-    nothing true about speed, and what a plan gives there is a layout the engine can run."""
+    nothing true about speed, and what a plan gives there is a layout the engine can run. `gpu_ids`: the GPUs a
+    user picked (the `gpus` input); their memory and links are read, not the machine's first ones."""
     from .hardware import detect_gpus
 
     if device == "cuda":
-        found = detect_gpus()
+        found = detect_gpus(gpu_ids or None)
         return Gpus(count=count, memory=found.memory, interconnect=found.interconnect, flops=found.flops,
                     name=found.name, per_node=per_node)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -99,7 +100,7 @@ class LoaderPlan:
 
 
 def plan_loader(*, facts: Callable[[], object], strategy: Strategy | str, device: str, count: int, hand: Hand,
-                per_node: tuple[int, ...] = ()) -> LoaderPlan:
+                per_node: tuple[int, ...] = (), gpu_ids: tuple[int, ...] = ()) -> LoaderPlan:
     """The loader's plan for `count` devices; `facts()` gives the model's `ModelFacts` (read here, once).
 
     AUTO: the planner chooses every setting `hand` leaves None and refuses (ConfigError with the arithmetic) when
@@ -113,7 +114,7 @@ def plan_loader(*, facts: Callable[[], object], strategy: Strategy | str, device
                 "cost model's, not a CPU's" if device != "cuda" else "")
     if strategy is Strategy.AUTO:
         model = facts()
-        gpus = devices(device=device, count=count, per_node=per_node)
+        gpus = devices(device=device, count=count, per_node=per_node, gpu_ids=gpu_ids)
         request = LOAD_REQUESTS[model.family]
         chosen = plan(model=model, gpus=gpus, request=request, hand=hand)
         head = (f"strategy auto: planned at load for {model.name}'s usual call "

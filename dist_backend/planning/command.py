@@ -100,11 +100,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def auto_session_config(args: argparse.Namespace):
     """(SessionConfig, Plan) for `generate --auto`: the planner fills dp, ring, ulysses and gpus_per_rank for
-    `--world-size` devices (CUDA: GPUs of this machine; CPU: rank processes). A degree given with a value other
+    `--world-size` devices (CUDA: GPUs of this machine, or the `--gpus`
+    listed; CPU: rank processes). A degree given with a value other
     than its default counts as set by hand; the rest (device, dtype, attention backend, threads) comes from the
     flags as without --auto."""
     from ..cluster import parse_cluster
-    from ..config import SessionConfig
+    from ..config import SessionConfig, parse_gpu_ids
     from .auto import devices
     from .model_facts import read_model_facts
     from .planner import Hand, Request, plan, session_kwargs
@@ -117,19 +118,25 @@ def auto_session_config(args: argparse.Namespace):
                               ("gpus_per_rank", args.gpus_per_rank)) if v not in (0, 1)}
     if args.offload != "resident":
         hand["offload"] = args.offload
+    ids = parse_gpu_ids(getattr(args, "gpus", ""), name="--gpus")
+    if ids and args.world_size not in (1, len(ids)):
+        raise ConfigError(f"--world-size {args.world_size} with --gpus {','.join(map(str, ids))} ({len(ids)} GPUs): "
+                          "under --auto the planner uses every listed GPU; drop --world-size or list "
+                          f"{args.world_size} GPUs")
     if args.device != "cuda":
         hand.update(gpus_per_rank=1, weights="bf16")
     # With --cluster the ranks of each machine are its devices (the SPEC counts ranks; CP stays inside one).
     per_node = tuple(n.nproc for n in parse_cluster(args.cluster).nodes) if args.cluster else ()
     if per_node:
         hand.setdefault("gpus_per_rank", 1)  # the SPEC counts ranks: one device each
-    gpus = devices(device=args.device, count=args.world_size, per_node=per_node)
+    gpus = devices(device=args.device, count=len(ids) or args.world_size, per_node=per_node, gpu_ids=ids)
     request = Request(height=args.height, width=args.width, frames=args.num_frames,
                       images=len(args.prompt) * args.images_per_prompt, guidance=args.guidance,
                       negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps)
     chosen = plan(model=read_model_facts(args.model), gpus=gpus, request=request, hand=Hand(**hand))
     kwargs = session_kwargs(chosen, device=args.device, dtype=args.dtype)
-    config = SessionConfig(**kwargs, attention_backend=args.attention_backend, threads_per_rank=args.threads_per_rank,
+    config = SessionConfig(**kwargs, gpu_ids=ids, attention_backend=args.attention_backend,
+                           threads_per_rank=args.threads_per_rank,
                            max_memory=args.max_memory if chosen.gpus_per_rank > 1 else "", compile=args.compile,
                            cache=args.cache, cache_threshold=args.cache_threshold)
     return config, chosen

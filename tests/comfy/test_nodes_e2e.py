@@ -299,6 +299,11 @@ def test_bad_input_returns_execution_error_with_our_message(server):
     assert errors, [e["type"] for e in events]
     assert errors[0]["node_type"] == "LoadSharded"
     assert "world_size (3) is not divisible by cfg (1) × ring (1) × ulysses (2) = 2" in errors[0]["exception_message"]
+    # The `gpus` input reaches the config through ComfyUI (the example runs on CPU ranks: no GPU to pick).
+    bad = load("ulysses.api.json")
+    bad[node_id(bad, "LoadSharded")]["inputs"]["gpus"] = "1, 0"
+    errors = [e["data"] for e in server.wait(server.queue(bad), timeout=60) if e["type"] == "execution_error"]
+    assert errors and "gpus=1,0 picks CUDA devices, but device is 'cpu'" in errors[0]["exception_message"], errors
 
 
 def test_a_killed_rank_shows_as_the_node_error_and_the_next_prompt_runs(server):

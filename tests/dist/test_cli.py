@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -53,6 +54,19 @@ def test_bad_input_exits_2_with_the_fix_and_starts_nothing(tiny_dirs, tmp_path):
     assert done.returncode == 2
     assert "dp (3) × cfg (1) × ring (1) × ulysses (2) = 6, but world_size is 4" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--gpus", "1"], ["gpus=1 picks CUDA devices, but device is 'cpu'"]),
+    (["--auto", "--world-size", "4", "--gpus", "0,1"], ["--world-size 4 with --gpus 0,1 (2 GPUs)"]),
+], ids=["cpu", "auto-count"])  # the rules: tests/unit/test_config.py
+def test_bad_gpus_exit_2_naming_the_input_before_any_rank(flags, words, tiny_dirs, tmp_path):
+    done = run_cli("generate", "--model", str(tiny_dirs["flux"]), "--prompt", "x", "--height", "64", "--width", "64",
+                   "--out", str(tmp_path), *flags)
+    assert done.returncode == 2, done.stderr
+    for word in words:
+        assert word in done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
 
 
 def test_cfg_parallel_without_cfg_is_refused_before_any_rank(tiny_dirs, tmp_path):

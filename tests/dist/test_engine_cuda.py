@@ -43,3 +43,21 @@ def test_cuda_rank_matches_the_pipeline_on_the_same_gpu(family, dtype, offload, 
     print(f"\n[measured] cuda {family} {dtype} {offload}: max abs diff vs pipeline on the same GPU = {diff:.3e}")
     assert diff <= (1e-4 if dtype == "float32" else 2e-2)
     assert images.shape[0] == len(PROMPTS) * size["num_frames"]
+
+
+def test_ranks_use_exactly_the_listed_gpus_and_load_each_component_onto_them(tiny_dirs):
+    """The `gpus` list (SessionConfig.gpu_ids): rank r runs on the r-th listed GPU, and every component is read
+    straight onto it. With two or more GPUs the list is given out of order (last, first), so the default
+    mapping (rank r on GPU r) would fail."""
+    count = torch.cuda.device_count()
+    ids = (count - 1, 0) if count >= 2 else (0,)
+    session = Session(SessionConfig(world_size=len(ids), device="cuda", dtype="bfloat16", gpu_ids=ids))
+    try:
+        session.load(tiny_dirs["flux"])
+        pings = session.sidecar.call("ping", [{}] * len(ids))
+    finally:
+        session.close()
+    assert [p["device"] for p in pings] == [f"cuda:{g}" for g in ids]
+    for ping, gpu in zip(pings, ids):
+        assert ping["load_log"] == [[c, f"cuda:{gpu}"] for c in ("text_encoder", "text_encoder_2", "transformer",
+                                                                   "vae")]

@@ -42,8 +42,15 @@ def test_dp_is_derived_and_round_trips():
     (dict(dtype="float16"), ["float16", "device='cpu'"]),
     (dict(gpus_per_rank=2), ["gpus_per_rank=2 needs device='cuda'"]),
     (dict(device="cuda", world_size=2, gpus_per_rank=2, ulysses=2), ["context parallelism needs each rank"]),
-    (dict(device="cuda", world_size=2, gpu_ids=(0,)), ["= 2 GPUs", "gpu_ids lists 1"]),
-    (dict(device="cuda", world_size=2, gpu_ids=(1, 1)), ["duplicates"]),
+    (dict(device="cuda", world_size=2, gpu_ids=(0,)),
+     ["gpus=0 lists 1 GPUs", "world_size (2) × gpus_per_rank (1) = 2 GPUs", "list 2 GPUs", "set world_size (ranks) to 1"]),
+    (dict(device="cuda", world_size=2, gpus_per_rank=2, device_map="balanced", gpu_ids="0,1,2"),
+     ["lists 3 GPUs", "world_size (2) × gpus_per_rank (2) = 4", "list 4 GPUs"]),
+    (dict(device="cuda", world_size=2, gpu_ids=(1, 1)), ["gpus=1,1 names GPU 1 more than once", "distinct"]),
+    (dict(device="cuda", world_size=2, gpu_ids="0,-1"), ["gpus='0,-1'", "'-1' is not a GPU index", "≥ 0"]),
+    (dict(device="cuda", world_size=2, gpu_ids="0,x"), ["'x' is not a GPU index", "e.g. '0,1'"]),
+    (dict(device="cuda", world_size=1, gpu_ids=(-3,)), ["-3 is not a GPU index"]),
+    (dict(gpu_ids="1"), ["gpus=1 picks CUDA devices, but device is 'cpu'", "leave gpus empty"]),
     (dict(max_memory="0=1GB"), ["max_memory is only used with device_map"]),
     (dict(call_timeout_s=0), ["call_timeout_s must be a positive"]),
     (dict(device="cuda", world_size=2, ring=2), ["ring=2 on CUDA", "dtype='bfloat16'"]),
@@ -86,3 +93,29 @@ def test_split_matches_accelerate_split_between_processes():
 
 def test_seeds_are_per_image_prompt_major():
     assert image_items(2, 3, 10) == [(0, 10), (0, 11), (0, 12), (1, 13), (1, 14), (1, 15)]
+
+
+def test_gpus_map_each_rank_to_its_listed_devices_in_order():
+    """The `gpus` list is read from text or ints and split over the ranks in rank order, gpus_per_rank each."""
+    c = SessionConfig(device="cuda", world_size=2, gpu_ids=" 3, 1 ")
+    assert c.gpu_ids == (3, 1) and [c.rank_gpus(r) for r in range(2)] == [(3,), (1,)]
+    c = SessionConfig(device="cuda", world_size=2, gpus_per_rank=2, device_map="balanced", gpu_ids=[6, 7, 2, 3])
+    assert [c.rank_gpus(r) for r in range(2)] == [(6, 7), (2, 3)]
+    assert SessionConfig.from_json(c.to_json()) == c  # what the ranks get
+    # Empty: the first world_size × gpus_per_rank devices; CPU: none.
+    assert [SessionConfig(device="cuda", world_size=3).rank_gpus(r) for r in range(3)] == [(0,), (1,), (2,)]
+    assert SessionConfig(world_size=2, gpu_ids="").rank_gpus(1) == ()
+
+
+def test_check_devices_names_a_gpu_this_machine_does_not_have():
+    import torch
+
+    from dist_backend.config import check_devices
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        with pytest.raises(ConfigError, match="no usable CUDA device"):
+            check_devices(SessionConfig(device="cuda", world_size=1, gpu_ids="0"))
+        return
+    with pytest.raises(ConfigError, match=f"names GPU {count + 5}, but this process sees {count}"):
+        check_devices(SessionConfig(device="cuda", world_size=1, gpu_ids=str(count + 5)))
