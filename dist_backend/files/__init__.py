@@ -187,6 +187,23 @@ def read_files_config(files: ModelFiles) -> dict:
     of another part or family, a file whose shapes do not match the architecture config, a missing tokenizer;
     ConfigError for a missing or extra part.
     """
+    family, infos, configs_dir, model_index, components = _checked(files)
+    tokenizers = _find_tokenizers(family, files, configs_dir, infos)
+    return {"family": family, "class_name": model_index["_class_name"], "model_dir": files.key,
+            "model_index": model_index, "components": components, "models": list(infos),
+            "files": {part: info.to_message() for part, info in infos.items()}, "tokenizers": tokenizers,
+            "configs_dir": str(configs_dir), "weights": files.weights.value}
+
+
+def files_configs_dir(files: ModelFiles) -> str:
+    """The folder of architecture configs that describes `files`, after the same header checks as
+    `read_files_config` but without looking for tokenizers: what the planner reads (it needs no tokenizer)."""
+    return str(_checked(files)[2])
+
+
+def _checked(files: ModelFiles) -> tuple[Family, dict[str, FileInfo], Path, dict, dict]:
+    """(family, {part: FileInfo}, configs folder, model_index, component configs) of `files`, checked from their
+    headers against the family's parts and the architecture configs."""
     try:
         family = Family(str(files.family))
     except ValueError:
@@ -212,11 +229,7 @@ def read_files_config(files: ModelFiles) -> dict:
     _check_optional_parts(family, infos, configs_dir)
     model_index, components = _read_configs(configs_dir, parts=list(infos))
     _check_shapes(family, infos, components, configs_dir)
-    tokenizers = _find_tokenizers(family, files, configs_dir, infos)
-    return {"family": family, "class_name": model_index["_class_name"], "model_dir": files.key,
-            "model_index": model_index, "components": components, "models": list(infos),
-            "files": {part: info.to_message() for part, info in infos.items()}, "tokenizers": tokenizers,
-            "configs_dir": str(configs_dir), "weights": files.weights.value}
+    return family, infos, configs_dir, model_index, components
 
 
 def _hint(family: Family, part: str) -> str:

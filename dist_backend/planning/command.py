@@ -2,7 +2,7 @@
 
 The GPUs come from the flags, or from this machine when it has CUDA devices and no --gpu-memory is given.
 Prints the plan as text, or as one JSON line with --json. A model given as single files (--files) is planned from
-the configs that loader derives: it plugs in through `model_facts.facts_from_configs`.
+the architecture configs the files loader checks them against (their headers only; `files.files_configs_dir`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from ..errors import ConfigError
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="diffusers model folder (configs are enough; no weights read)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="diffusers model folder (configs are enough; no weights read)")
+    source.add_argument("--files", help="single files as generate takes them (transformer=PATH,text_encoder=PATH,...; "
+                                        "only their headers are read), with --family")
+    parser.add_argument("--family", default=None, help="family of the --files (flux, qwenimage, wan)")
+    parser.add_argument("--configs", default=None,
+                        help="with --files: a diffusers-layout folder with the architecture configs (default: the "
+                             "configs shipped for the model)")
     g = parser.add_argument_group("GPUs (default: this machine's)")
     g.add_argument("--gpus", type=int, default=0, help="number of GPUs to use (all of them are used)")
     g.add_argument("--gpu-memory", default="", help="memory of each GPU, e.g. 24GB, 80GB, 48GiB")
@@ -78,6 +85,20 @@ def machines_from_args(args: argparse.Namespace) -> tuple[int, ...]:
     return per_node
 
 
+def configs_dir_from_args(args: argparse.Namespace) -> str:
+    """The folder of configs the planner reads: --model, or the configs that describe the --files (checked from
+    their headers, as the loader checks them; no weight and no tokenizer is read)."""
+    if args.files is None:
+        if args.family or args.configs:
+            raise ConfigError("--family and --configs go with --files (single files); a --model folder has its own")
+        return args.model
+    from ..files import ModelFiles, files_configs_dir, parse_files_arg
+
+    if not args.family:
+        raise ConfigError("--files needs --family (e.g. --family flux)")
+    return files_configs_dir(ModelFiles(family=args.family, **parse_files_arg(args.files), configs=args.configs or ""))
+
+
 def plan_from_args(args: argparse.Namespace):
     from .model_facts import read_model_facts
     from .planner import Hand, Request, plan
@@ -87,7 +108,8 @@ def plan_from_args(args: argparse.Namespace):
                       steps=args.steps)
     hand = Hand(dp=args.dp, cfg=args.cfg, ring=args.ring, ulysses=args.ulysses, gpus_per_rank=args.gpus_per_rank,
                 offload=args.offload, weights=args.weights)
-    return plan(model=read_model_facts(args.model), gpus=gpus_from_args(args), request=request, hand=hand)
+    return plan(model=read_model_facts(configs_dir_from_args(args)), gpus=gpus_from_args(args), request=request,
+                hand=hand)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -110,10 +132,6 @@ def auto_session_config(args: argparse.Namespace):
     from .model_facts import read_model_facts
     from .planner import Hand, Request, plan, session_kwargs
 
-    if args.model is None:
-        # The planner reads a diffusers folder's configs; single files (--files) have no hook here yet.
-        raise ConfigError("--auto plans from a diffusers folder's configs: give --model DIR (not --files), or set "
-                          "the degrees by hand")
     hand = {k: v for k, v in (("dp", args.dp), ("cfg", args.cfg), ("ring", args.ring), ("ulysses", args.ulysses),
                               ("gpus_per_rank", args.gpus_per_rank)) if v not in (0, 1)}
     if args.offload != "resident":
@@ -123,6 +141,8 @@ def auto_session_config(args: argparse.Namespace):
         raise ConfigError(f"--world-size {args.world_size} with --gpus {','.join(map(str, ids))} ({len(ids)} GPUs): "
                           "under --auto the planner uses every listed GPU; drop --world-size or list "
                           f"{args.world_size} GPUs")
+    if args.files is not None and args.weights == "fp8":
+        hand["weights"] = "fp8"  # single files kept in fp8 (the planner counts their bytes so)
     if args.device != "cuda":
         hand.update(gpus_per_rank=1, weights="bf16")
     # With --cluster the ranks of each machine are its devices (the SPEC counts ranks; CP stays inside one).
@@ -133,7 +153,7 @@ def auto_session_config(args: argparse.Namespace):
     request = Request(height=args.height, width=args.width, frames=args.num_frames,
                       images=len(args.prompt) * args.images_per_prompt, guidance=args.guidance,
                       negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps)
-    chosen = plan(model=read_model_facts(args.model), gpus=gpus, request=request, hand=Hand(**hand))
+    chosen = plan(model=read_model_facts(configs_dir_from_args(args)), gpus=gpus, request=request, hand=Hand(**hand))
     kwargs = session_kwargs(chosen, device=args.device, dtype=args.dtype)
     config = SessionConfig(**kwargs, gpu_ids=ids, attention_backend=args.attention_backend,
                            threads_per_rank=args.threads_per_rank,

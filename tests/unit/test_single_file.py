@@ -196,3 +196,36 @@ def test_the_host_check_reads_headers_only_without_torch(files, tiny_dirs):
                           cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"torch": False, "fp8": True}
+
+
+def test_plan_and_generate_auto_read_the_configs_of_files_without_their_tokenizers(files, tiny_dirs, tmp_path):
+    """`plan --files` and `generate --auto --files` plan from the configs that describe the files (headers only),
+    as the same model given as a folder; they need no tokenizer (the loader does)."""
+    import shutil
+
+    from dist_backend.cli import build_parser
+    from dist_backend.planning.command import auto_session_config, plan_from_args
+
+    given = ",".join(f"{part}={path}" for part, path in files["fp32"].items())
+    request = ["--gpus", "2", "--gpu-memory", "24GB", "--height", "64", "--width", "64", "--json"]
+    parse = build_parser().parse_args
+    source = ["--files", given, "--family", "flux", "--configs", str(tiny_dirs["flux"])]
+    from_files = plan_from_args(parse(["plan", *source, *request])).to_dict()
+    from_folder = plan_from_args(parse(["plan", "--model", str(tiny_dirs["flux"]), *request])).to_dict()
+    assert from_files == from_folder and from_files["strategy"] == "ulysses2"
+
+    configs = tmp_path / "configs"  # the folder's configs without its tokenizers or weights
+    for path in tiny_dirs["flux"].rglob("*.json"):
+        if not path.relative_to(tiny_dirs["flux"]).parts[0].startswith("tokenizer"):
+            (configs / path.relative_to(tiny_dirs["flux"])).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, configs / path.relative_to(tiny_dirs["flux"]))
+    with pytest.raises(ModelError, match="tokenizer"):  # what the loader needs, the planner does not
+        read_files_config(flux(files["fp32"], tiny_dirs, configs=str(configs)))
+    source = ["--files", given, "--family", "flux", "--configs", str(configs)]
+    assert plan_from_args(parse(["plan", *source, *request])).strategy == "ulysses2"
+    generate = ["generate", "--auto", *source, "--prompt", "a cat", "--out", "unused", "--height", "64", "--width",
+                "64", "--world-size", "2"]
+    config, chosen = auto_session_config(parse(generate))
+    assert (config.ulysses, chosen.strategy) == (2, "ulysses2")
+    with pytest.raises(ConfigError, match="--files needs --family"):
+        plan_from_args(parse(["plan", "--files", given, *request]))
