@@ -32,10 +32,21 @@ def beat_interval(heartbeat_timeout_s: float) -> float:
     return min(MAX_INTERVAL_S, heartbeat_timeout_s / BEATS_PER_DEADLINE)
 
 
+def own_rss() -> int | None:
+    """Resident memory of this process in bytes, None where it cannot be read. The rank reads its own: the head
+    cannot read a remote rank's /proc, so the status panel takes every rank's memory from its own report."""
+    try:
+        with open("/proc/self/statm", "rb") as f:  # Linux: one small read, cheap enough for every beat
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None  # memory is informative only
+
+
 class Beater:
-    """Sends ``{"id": call, "event": "alive", "loading": bool}`` every `interval` seconds between `begin` and `end`,
-    with ``"gpu_memory": [allocated, reserved]`` (bytes, summed over `gpus`) on a CUDA rank: the status panel's
-    memory column. Two reads of the caching allocator's counters, cheap enough for every beat."""
+    """Sends ``{"id": call, "event": "alive", "loading": bool, "rss": bytes}`` at `begin` and then every `interval`
+    seconds until `end`, with ``"gpu_memory": [allocated, reserved]`` (bytes, summed over `gpus`) on a CUDA rank:
+    the status panel's memory column. One read of /proc/self/statm and two of the caching allocator's counters,
+    cheap enough for every beat."""
 
     def __init__(self, channel, *, interval: float, gpus: tuple[int, ...] = ()) -> None:
         self._channel = channel
@@ -53,6 +64,7 @@ class Beater:
         with self._lock:
             self._call_id = call_id
             self._loading = 0
+        self._wake.set()  # beat at once: every call, even a short one, brings the rank's memory up to date
 
     def end(self) -> None:
         """Stop beating for the current call; call before sending its answer (a beat after the answer would reach
@@ -83,12 +95,15 @@ class Beater:
             self._wake.wait(self._interval)
             self._wake.clear()
             memory = self._gpu_memory() if self._gpus else None
+            rss = own_rss()
             with self._lock:
                 if self._call_id is None or self._stopped:
                     continue
                 message = {"id": self._call_id, "event": protocol.Event.ALIVE, "loading": self._loading > 0}
                 if memory is not None:
                     message["gpu_memory"] = memory
+                if rss is not None:
+                    message["rss"] = rss
                 frame = protocol.encode(message)
                 try:
                     self._channel.send(frame)

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 from . import launcher, protocol
 from .beat import beat_interval
 from .channel import ChannelClosed, ChannelTimeout, FrameTooLarge, ProtocolError, wait_readable
-from .cluster import ClusterConfig, is_local
+from .cluster import LOCAL, ClusterConfig, is_local
 from .config import SessionConfig
 from .errors import REMOTE_TYPES, Cancelled, RankError, RankTimeout, SidecarError
+from .status import RankPlace
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +71,9 @@ class Sidecar:
         # steps), and its CUDA [allocated, reserved] bytes from its last beat (kept between calls; none on CPU).
         self.rank_steps: dict[int, tuple[int, int]] = {}
         self.rank_gpu_memory: dict[int, tuple[int, int]] = {}
+        # Each rank's resident memory as it read it itself (READY, then every beat): the head cannot read a node's.
+        self.rank_rss: dict[int, int] = {p.rank: int(p.ready["rss"]) for p in self._launched.processes
+                                         if p.ready.get("rss")}
 
     @property
     def start_seconds(self) -> float:
@@ -78,6 +82,12 @@ class Sidecar:
     @property
     def pids(self) -> list[int]:
         return [p.popen.pid for p in self._launched.processes if is_local(p.popen)]  # remote pids are other machines'
+
+    @property
+    def rank_places(self) -> list[RankPlace]:
+        """Where every rank runs (local or on a node), in rank order, as each rank reported it."""
+        return [RankPlace(rank=p.rank, node=getattr(p, "node", "") or LOCAL, hostname=p.ready.get("hostname"),
+                          pid=p.popen.pid, device=p.ready.get("device")) for p in self._launched.processes]
 
     @property
     def log_dir(self):
@@ -243,6 +253,8 @@ class Sidecar:
                 if event == protocol.Event.ALIVE:  # from the rank's beat thread: the process runs
                     if message.get("gpu_memory"):
                         self.rank_gpu_memory[proc.rank] = tuple(int(b) for b in message["gpu_memory"][:2])
+                    if message.get("rss"):
+                        self.rank_rss = {**self.rank_rss, proc.rank: int(message["rss"])}
                     if message.get("loading"):
                         last_step[proc.rank] = last_heard[proc.rank]  # weights loading: no step is due yet
                     continue

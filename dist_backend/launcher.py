@@ -47,6 +47,8 @@ class RankProcess:
     log_path: Path
     channel: Channel | None = None
     arena: Arena | None = None  # shared memory the rank writes large results into (see arena.py)
+    ready: dict = field(default_factory=dict)
+    """The rank's READY message: its hostname, device and memory as it reported them (the status panel's row)."""
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -294,6 +296,7 @@ def _handshake(launched: Launched, secret: bytes, config: SessionConfig, *, clus
                 except ChannelClosed:  # a node's rank (whose exit we cannot see) or a local one about to be reaped
                     raise proc.died(phase="start (process group)", returncode=proc.popen.poll()) from None
                 if message.get("event") == protocol.Event.READY:
+                    proc.ready = message
                     break
 
 

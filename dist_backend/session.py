@@ -25,7 +25,7 @@ from .errors import Cancelled, ConfigError, SidecarError, UnsupportedError
 from .files import ModelFiles
 from .protocol import Op
 from .split import block_bounds, image_items
-from .status import RankStatus, SidecarState, StatusBoard, failure_from, rank_statuses
+from .status import RankStatus, SidecarState, StatusBoard, StatusSnapshot, failure_from, rank_statuses
 from .tiled_decode import DecodeTiling
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class Session:
         self.starts = 0
         self.timings = Timings()
         self.status = StatusBoard()  # what a status panel shows (dist_backend/status.py)
+        self._failed_rows: list[RankStatus] = []  # the rows of the sidecar that failed last (see _stage)
         self.last_cp_modes: list[str | None] = []
         # Per rank, under cfg = 2: {"forwards", "exchanges", "bytes_sent"} of the last denoise (None with cfg = 1).
         self.last_cfg_stats: list[dict[str, int] | None] = []
@@ -102,6 +103,7 @@ class Session:
             if self._sidecar is None or not self._sidecar.alive():
                 if self._sidecar is not None:
                     self._sidecar.close()
+                    self._sidecar = None  # a start that fails has no rows to show, not the last sidecar's
                 check_devices(self.config, local_ranks=self.cluster.spec.local_ranks if self.cluster else None)
                 with self._stage("start", state=SidecarState.STARTING):
                     t0 = time.monotonic()
@@ -130,9 +132,9 @@ class Session:
         none is running). Cheap and safe from any thread, also while a call runs."""
         sidecar = self._sidecar
         if sidecar is None or not sidecar.alive():
-            return []
-        return rank_statuses(self.status.snapshot, pids=sidecar.pids, steps=dict(sidecar.rank_steps),
-                             gpu_memory=dict(sidecar.rank_gpu_memory))
+            return list(self._failed_rows) if self.status.snapshot.state is SidecarState.FAILED else []
+        return rank_statuses(self.status.snapshot, places=sidecar.rank_places, steps=dict(sidecar.rank_steps),
+                             gpu_memory=dict(sidecar.rank_gpu_memory), rss=dict(sidecar.rank_rss))
 
     def close(self, *, reason: str = "the sidecar was released") -> None:
         """Stop the sidecar (the next call starts a fresh one and reloads the model). Safe from any thread, also
@@ -179,7 +181,14 @@ class Session:
         try:
             yield
         except SidecarError as e:
-            self.status.fail(failure_from(e, phase=stage))
+            failure = failure_from(e, phase=stage)
+            sidecar = self._sidecar
+            # The failed sidecar's last rows stay on the panel while it shows the failure: the ranks the error
+            # names (every rank of a lost node) carry it, the others were stopped because of them.
+            self._failed_rows = [] if sidecar is None else rank_statuses(
+                StatusSnapshot(), places=sidecar.rank_places, steps={}, gpu_memory=dict(sidecar.rank_gpu_memory),
+                rss=dict(sidecar.rank_rss), errors={r: failure.error for r in failure.ranks})
+            self.status.fail(failure)
             raise
         except BaseException:
             alive = self._sidecar is not None and self._sidecar.alive()

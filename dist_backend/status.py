@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 log = logging.getLogger(__name__)
+LOCAL_NODE = "local"  # cluster.LOCAL: the head's own ranks (no import of cluster here: this module is pure data)
 
 
 class SidecarState(str, enum.Enum):
@@ -40,6 +41,10 @@ class RankFailure:
     """The error type and message."""
     log_tail: tuple[str, ...] = ()
     """The last lines of that rank's log (or its remote traceback)."""
+    node: str | None = None
+    """The machine whose ranks were lost (NodeLost, NodeTimeout: its address in the cluster SPEC), else None."""
+    ranks: tuple[int, ...] = ()
+    """Every rank the error names (all of a lost node's ranks; else the one rank, if any)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +68,22 @@ class StatusSnapshot:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RankPlace:
+    """Where a rank runs, as the rank itself reported it when it joined the process group (its READY message):
+    the same for a rank the head started and one a node's torchrun started."""
+
+    rank: int
+    node: str = LOCAL_NODE
+    """"local" (started by the head) or the node's address as the cluster SPEC names it."""
+    hostname: str | None = None
+    """The rank's machine's hostname (socket.gethostname() on that machine)."""
+    pid: int
+    """The rank's process id on its own machine (a remote rank's pid means nothing on the head)."""
+    device: str | None = None
+    """"cpu", or the CUDA devices of that machine ("cuda:0,cuda:1"; a node numbers its own GPUs)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class RankStatus:
     """One rank's row of the panel."""
 
@@ -76,18 +97,43 @@ class RankStatus:
     gpu_allocated_bytes: int | None = None
     gpu_reserved_bytes: int | None = None
     """CUDA memory of the rank's devices from its last beat (None on CPU, or before its first beat)."""
+    node: str = LOCAL_NODE
+    hostname: str | None = None
+    device: str | None = None
+    """See RankPlace."""
+    rss_bytes: int | None = None
+    """Resident memory of the rank process, as the rank read it itself (READY, then every beat), None where it
+    cannot read it: the one source for local and remote ranks (the head cannot see another machine's /proc)."""
+    error: str | None = None
+    """Why this rank is gone, on the rows of a failed sidecar: the error that named it (a lost node's NodeLost
+    names the node on each of its ranks' rows), None for the ranks that were only stopped because of it."""
+
+    @property
+    def remote(self) -> bool:
+        return self.node != LOCAL_NODE
+
+    def to_json(self) -> dict:
+        """The row as the panel's JSON (GET /distdiff/status, the distdiff.status event): builtins only."""
+        return {"rank": self.rank, "node": self.node, "hostname": self.hostname, "remote": self.remote,
+                "pid": self.pid, "device": self.device, "stage": self.stage,
+                "step": list(self.step) if self.step else None, "rss_bytes": self.rss_bytes,
+                "gpu_allocated_bytes": self.gpu_allocated_bytes, "gpu_reserved_bytes": self.gpu_reserved_bytes,
+                "error": self.error}
 
 
-def rank_statuses(snapshot: StatusSnapshot, *, pids: list[int], steps: dict[int, tuple[int, int]],
-                  gpu_memory: dict[int, tuple[int, int]]) -> list[RankStatus]:
-    """The panel's rows from the board's snapshot and the per-rank records of the driver (Sidecar.rank_steps,
-    Sidecar.rank_gpu_memory): rank r is the process pids[r]."""
+def rank_statuses(snapshot: StatusSnapshot, *, places: list[RankPlace], steps: dict[int, tuple[int, int]],
+                  gpu_memory: dict[int, tuple[int, int]], rss: dict[int, int],
+                  errors: dict[int, str] | None = None) -> list[RankStatus]:
+    """The panel's rows from the board's snapshot and the per-rank records of the driver (Sidecar.rank_places,
+    rank_steps, rank_gpu_memory, rank_rss), plus, for a failed sidecar, the error of each rank it names."""
     rows = []
-    for rank, pid in enumerate(pids):
-        allocated, reserved = gpu_memory.get(rank, (None, None))
-        rows.append(RankStatus(rank=rank, pid=pid, stage=snapshot.stage,
-                               step=steps.get(rank) if snapshot.stage is not None else None,
-                               gpu_allocated_bytes=allocated, gpu_reserved_bytes=reserved))
+    for place in places:
+        allocated, reserved = gpu_memory.get(place.rank, (None, None))
+        rows.append(RankStatus(rank=place.rank, pid=place.pid, node=place.node, hostname=place.hostname,
+                               device=place.device, stage=snapshot.stage,
+                               step=steps.get(place.rank) if snapshot.stage is not None else None,
+                               gpu_allocated_bytes=allocated, gpu_reserved_bytes=reserved,
+                               rss_bytes=rss.get(place.rank), error=(errors or {}).get(place.rank)))
     return rows
 
 
@@ -159,6 +205,10 @@ def failure_from(error: BaseException, *, phase: str, lines: int = 12) -> RankFa
     """The failure to show for ``error``: its rank, phase and message, and the last lines of the rank's log
     (RankDied carries them in ``detail``) or of its remote traceback (RankError)."""
     tail = getattr(error, "detail", "") or getattr(error, "remote_traceback", "") or ""
-    return RankFailure(rank=getattr(error, "rank", None), phase=getattr(error, "phase", None) or phase,
+    rank = getattr(error, "rank", None)
+    node = getattr(error, "node", None)  # NodeLost, NodeTimeout
+    ranks = tuple(getattr(error, "ranks", None) or ([] if rank is None else [rank]))
+    return RankFailure(rank=rank, phase=getattr(error, "phase", None) or phase,
                        error=f"{type(error).__name__}: {error}",
-                       log_tail=tuple(tail.strip().splitlines()[-lines:]) if tail.strip() else ())
+                       log_tail=tuple(tail.strip().splitlines()[-lines:]) if tail.strip() else (),
+                       node=node if isinstance(node, str) else None, ranks=ranks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -117,14 +118,16 @@ def main() -> int:
         **({"device_id": device} if backend == "nccl" else {}),
     )
     from .arena import Arena
-    from .beat import Beater, beat_interval
+    from .beat import Beater, beat_interval, own_rss
     from .rank_engine import RankEngine
 
     arena = Arena(int(os.environ[ENV_ARENA_FD])) if ENV_ARENA_FD in os.environ else None
 
     beater = Beater(channel, interval=beat_interval(config.heartbeat_timeout_s), gpus=beat_gpus)
     engine = RankEngine(config=config, rank=rank, device=device, channel=channel, beater=beater, gpus=beat_gpus)
-    channel.send(protocol.encode({"event": protocol.Event.READY, "rank": rank}))
+    # Where this rank runs, as it sees it: the status panel's row, the same for a local rank and a node's.
+    channel.send(protocol.encode({"event": protocol.Event.READY, "rank": rank, "hostname": socket.gethostname(),
+                                  "device": ",".join(f"cuda:{g}" for g in beat_gpus) or "cpu", "rss": own_rss()}))
     log.info("ready: %s, device %s, %d threads", config.strategy, device, torch.get_num_threads())
 
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 
@@ -34,13 +33,10 @@ def status_payload() -> dict:
     cfg = session.config
     alive = session.alive()
     pids = session.sidecar_pids() if alive else []
-    rows = session.rank_statuses() if alive else []
     state = snap.state if alive or snap.state in (SidecarState.FAILED, SidecarState.STARTING) else SidecarState.NONE
-    failed_rank = snap.failure.rank if snap.failure and state is SidecarState.FAILED else None
-    ranks = [{"rank": row.rank, "node": socket.gethostname(), "pid": row.pid, "device": _device(cfg, row.rank),
-              "stage": row.stage, "step": list(row.step) if row.step else None, **_memory(row.pid),
-              "gpu_allocated_bytes": row.gpu_allocated_bytes, "gpu_reserved_bytes": row.gpu_reserved_bytes}
-             for row in rows]
+    # Every rank, the head's and the nodes', as each reported itself (node, hostname, pid on its machine, device,
+    # memory); a failed sidecar's last rows carry the error on the ranks it names.
+    ranks = [row.to_json() for row in session.rank_statuses()] if alive or state is SidecarState.FAILED else []
     return {
         "state": state.value,
         "running": alive,  # kept for older callers of this route
@@ -55,29 +51,14 @@ def status_payload() -> dict:
         "ranks": ranks,
         "pids": pids,
         "failure": None if snap.failure is None or state is not SidecarState.FAILED else {
-            "rank": snap.failure.rank, "phase": snap.failure.phase, "error": snap.failure.error,
-            "log_tail": list(snap.failure.log_tail)},
+            "rank": snap.failure.rank, "node": snap.failure.node, "ranks": list(snap.failure.ranks),
+            "phase": snap.failure.phase, "error": snap.failure.error, "log_tail": list(snap.failure.log_tail)},
         "last_seconds": dict(snap.last_seconds),
         "seconds": dict(session.timings.stages),
         "last_run": dict(session.last_run),  # cfg degree, compile, cache and forwards skipped by the last denoise
         "loras": [{"file": os.path.basename(spec.path), "strength": spec.strength} for spec in session.loras],
         "plan": snap.plan,  # strategy manual/auto, the layout and its reasons (planning.auto.LoaderPlan.summary)
     }
-
-
-def _device(cfg, rank: int) -> str:
-    gpus = cfg.rank_gpus(rank)
-    return cfg.device.value if not gpus else ",".join(f"cuda:{g}" for g in gpus)
-
-
-def _memory(pid: int) -> dict:
-    """Host RSS of the rank process (its GPU memory comes from the rank's beats, see Session.rank_statuses)."""
-    import psutil
-
-    try:
-        return {"rss_bytes": psutil.Process(pid).memory_info().rss}
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return {"rss_bytes": None}
 
 
 def push(snapshot) -> None:

@@ -24,6 +24,8 @@ const STYLE = `
 .distdiff-state-failed { background: #8f2323; }
 .distdiff-panel pre { background: #1b1b1b; color: #e88; padding: 6px; white-space: pre-wrap; max-height: 14em; overflow: auto; }
 .distdiff-panel button { margin: 6px 6px 0 0; padding: 3px 10px; cursor: pointer; }
+.distdiff-panel .distdiff-rank-error { color: #e88; display: inline-block; max-width: 16em; overflow: hidden;
+  text-overflow: ellipsis; vertical-align: bottom; }
 .distdiff-panel .distdiff-plan summary { cursor: pointer; }
 .distdiff-panel .distdiff-plan li { white-space: normal; margin: 2px 0; }
 .distdiff-panel .distdiff-plan .distdiff-warning { color: #eb6; }
@@ -73,13 +75,19 @@ function render(status) {
   const ranks = status.ranks ?? [];
   // Each row: that rank's stage and its own step (a dp rank counts its own images); the stage line above shows the
   // progress summed over the ranks.
-  const rows = ranks.map((r) => `<tr class="distdiff-rank" data-rank="${r.rank}"><td>${r.rank}</td>
-    <td>${esc(r.device)}<span class="distdiff-dim">@${esc(r.node)}</span></td><td>${r.pid ?? "—"}</td>
+  // A node's rank (joined from another machine) shows the node's address from the cluster SPEC and its hostname, and
+  // its pid is labelled as that machine's; memory is what each rank reported itself. A failed sidecar keeps its rows,
+  // the ranks the error names (all of a lost node's) carrying it.
+  const rows = ranks.map((r) => `<tr class="distdiff-rank${r.remote ? " distdiff-rank-remote" : ""}${r.error ? " distdiff-rank-failed" : ""}" data-rank="${r.rank}"><td>${r.rank}</td>
+    <td>${esc(r.device ?? "?")}<span class="distdiff-dim">@${esc(r.remote ? `${r.node} (${r.hostname ?? "?"})` : r.hostname ?? "local")}</span></td>
+    <td>${r.pid ?? "—"}${r.remote ? `<span class="distdiff-dim"> on ${esc(r.node)}</span>` : ""}</td>
     <td>${mib(r.rss_bytes)}${r.gpu_allocated_bytes != null
       ? `<br><span class="distdiff-dim">GPU ${mib(r.gpu_allocated_bytes)} / ${mib(r.gpu_reserved_bytes)}</span>` : ""}</td>
-    <td>${esc(r.stage ?? "idle")}${r.step ? ` <span class="distdiff-rank-step">${step(r.step)}</span>` : ""}</td></tr>`).join("");
+    <td>${r.error ? `<span class="distdiff-rank-error" title="${esc(r.error)}">${esc(r.error)}</span>`
+      : `${esc(r.stage ?? "idle")}${r.step ? ` <span class="distdiff-rank-step">${step(r.step)}</span>` : ""}`}</td></tr>`).join("");
+  const who = status.failure?.node ? `node ${status.failure.node}` : `rank ${status.failure?.rank ?? "?"}`;
   const failure = status.failure
-    ? `<div class="distdiff-failure"><b>rank ${esc(status.failure.rank ?? "?")} failed during ${esc(status.failure.phase)}</b>
+    ? `<div class="distdiff-failure"><b>${esc(who)} failed during ${esc(status.failure.phase)}</b>
        <div class="distdiff-error">${esc(status.failure.error)}</div>
        ${status.failure.log_tail?.length ? `<pre class="distdiff-log">${esc(status.failure.log_tail.join("\n"))}</pre>` : ""}</div>`
     : "";

@@ -110,6 +110,12 @@ def test_a_workflow_across_two_machines_equals_the_local_one_and_release_frees_t
     machine = network.machines[0]
     across = pixels(server, workflow(cluster=f"local:1, {machine.address}:1", listen=head, token_file=str(token)))
     assert machine.ranks(), "the remote rank should stay up between runs, like local ones"
+    # The status route has a row for the remote rank: the node's address, its pid on that machine, the memory
+    # the rank reported itself (namespaces share the pid namespace, so that pid can be checked here).
+    rows = json.loads(server._http("GET", "/distdiff/status"))["ranks"]
+    assert [(r["rank"], r["node"], r["remote"]) for r in rows] == [(0, "local", False), (1, machine.address, True)]
+    assert rows[1]["pid"] in machine.ranks() and rows[1]["device"] == "cpu", rows
+    assert all(r["rss_bytes"] > 50 << 20 and r["hostname"] for r in rows), rows
     # Release GPUs (the node) stops the remote rank too: the node is back to its join, waiting.
     release = {"1": {"class_type": "DistDiffReleaseGPUs", "inputs": {}}}
     _, events = server.run(release, timeout=60)

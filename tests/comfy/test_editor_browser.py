@@ -189,6 +189,8 @@ def test_status_panel_follows_a_run_a_killed_rank_restart_and_release(editor, tm
     failure = page.text_content(f"{PANEL} .distdiff-failure")
     assert "rank 1 failed during denoise" in failure and "signal 9" in failure, failure
     assert page.text_content(f"{PANEL} .distdiff-log").strip(), "the killed rank's log tail is missing"
+    # The failed sidecar's rows stay, the killed rank's with its error.
+    assert page.eval_on_selector_all(f"{PANEL} .distdiff-rank-failed", "rs => rs.map(r => r.dataset.rank)") == ["1"]
 
     # A seed no earlier test used: ComfyUI must not answer from its cache (our loaders' IS_CHANGED follows the
     # model's files, not the sidecar, so an identical prompt that already ran would start no rank).

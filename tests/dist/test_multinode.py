@@ -121,13 +121,32 @@ def test_dp2_across_machines_equals_one_process_and_a_wrong_token_is_refused(clu
     # Retries until the head listens, then is refused.
     intruder = m1.start_join(f"{cluster.listen_host}:{cluster.listen_port}", wrong, "--once", "--wait", "60")
     session = session_for(cluster)
+    seen: list[tuple[list, list[int], list[int]]] = []  # the panel's rows at each step, the node's and head's pids
+
+    def panel_rows(done: int, total: int) -> None:
+        seen.append((session.rank_statuses(), m1.ranks(), session.sidecar_pids()))
+
     t0 = time.monotonic()
     try:
-        latents, _ = generate(session, tiny_dirs["flux"], PROMPTS, seed=5)
+        latents, _ = generate(session, tiny_dirs["flux"], PROMPTS, seed=5, on_progress=panel_rows)
         seconds = time.monotonic() - t0
+        idle = session.rank_statuses()
     finally:
         session.close()
     intruder.wait(timeout=60)
+    # The status panel has a row for the node's rank as for the head's: the node's address from the SPEC, the
+    # pid of the rank process on that machine (namespaces share the pid and UTS namespaces: we can check it),
+    # the memory the rank reported itself, and its own step.
+    rows, node_pids, head_pids = seen[-1]
+    head, remote = rows
+    assert (head.node, head.remote, remote.node, remote.remote) == ("local", False, m1.address, True), rows
+    assert remote.pid in node_pids and head_pids == [head.pid], (rows, node_pids, head_pids)
+    assert remote.hostname == socket.gethostname() and remote.device == "cpu"
+    assert remote.rss_bytes > 50 << 20 and head.rss_bytes > 50 << 20, rows
+    assert remote.stage == "denoise" and remote.step is not None and remote.step[1] == STEPS, rows
+    assert remote.to_json()["node"] == m1.address and remote.to_json()["remote"] is True
+    assert [(r.node, r.pid, r.stage) for r in idle] == [("local", head.pid, None), (m1.address, remote.pid, None)]
+    assert all(r.rss_bytes > 50 << 20 for r in idle), idle
     out = output(intruder)
     assert intruder.returncode == 3, out
     assert "token" in out and wrong.read_text().strip() not in out
@@ -157,6 +176,11 @@ def test_ulysses2_a_killed_remote_rank_is_named_then_the_node_rejoins_and_equals
         assert m1.address in str(lost.value) and lost.value.silent_s is None
         assert detected < heartbeat
         assert not session.sidecar_pids()  # the head's own rank was stopped
+        # The panel keeps the failed sidecar's rows: the node's rank carries the NodeLost naming the node.
+        rows = session.rank_statuses()
+        assert [(r.rank, r.node) for r in rows] == [(0, "local"), (1, m1.address)] and rows[0].error is None
+        assert rows[1].error.startswith(f"NodeLost: node {m1.address} (rank 1) was lost during denoise"), rows
+        assert session.status.snapshot.failure.node == m1.address
         # The node's torchrun saw its rank die and exited; join waits for the head's next session.
         assert wait_until(m1.only_join_left, 20), [cmdline(p) for p in m1.pids()]
         # The next call starts a fresh sidecar, the node joins it again, and the result is the one-process result.
