@@ -29,7 +29,7 @@ TINY_FILES = {"diffusion_model": "distdiff-tiny-flux1.safetensors", "text_encode
 WIDGETS = {
     "LoadSharded": ["model", "ranks", "dp", "ring", "ulysses", "device", "dtype", "offload", "gpus_per_rank",
                     "device_map", "max_memory", "attention_backend", "cfg", "compile", "cache", "cache_threshold",
-                    "model_path", "strategy", "gpus"],
+                    "model_path", "strategy", "gpus", "cluster", "listen", "token_file"],
     "EncodeOnGPUs": ["prompt", "negative_prompt"],
     "ParallelDenoise": ["seed", "images_per_prompt", "steps", "guidance", "width", "height", "num_frames",
                         "denoise", "true_cfg", "guidance_2"],
@@ -42,9 +42,10 @@ WIDGETS = {
     "DistDiffLoRA": ["lora_name", "strength"],
 }
 # The loader of single files takes the same parallel settings as LoadSharded (nodes/parallel_inputs.py): those
-# between its model and its model_path, and the inputs added later (strategy, gpus).
-PARALLEL = WIDGETS["LoadSharded"][1:-3]
-ADDED = WIDGETS["LoadSharded"][-2:]
+# between its model and its model_path, and the inputs added later (strategy, gpus); not the cluster ones.
+_MODEL_PATH = WIDGETS["LoadSharded"].index("model_path")
+PARALLEL = WIDGETS["LoadSharded"][1:_MODEL_PATH]
+ADDED = WIDGETS["LoadSharded"][_MODEL_PATH + 1:_MODEL_PATH + 3]
 WIDGETS["DistDiffLoadFiles"] = ["family", "diffusion_model", "text_encoder_1", "text_encoder_2", "vae", "weights",
                                 *PARALLEL, "tokenizers_path", "configs_path", "diffusion_model_2", *ADDED]
 OUTPUTS = {"LoadSharded": [("pipeline", "DISTDIFF_PIPELINE"), ("plan", "STRING")], "EncodeOnGPUs": [("conditioning", "DISTDIFF_CONDITIONING")],
@@ -92,7 +93,8 @@ COMFY_DECODE = {  # our ParallelDenoise -> ComfyUI's own Load VAE + VAE Decode
 
 BASE_LOAD = dict(model=TINY_MODEL, ranks=2, dp=0, ring=1, ulysses=1, device="cpu", dtype="float32",
                  offload="resident", gpus_per_rank=1, device_map="none", max_memory="", attention_backend="",
-                 cfg=1, compile="none", cache="none", cache_threshold=0.0, model_path="", strategy="manual", gpus="")
+                 cfg=1, compile="none", cache="none", cache_threshold=0.0, model_path="", strategy="manual", gpus="",
+                 cluster="", listen="", token_file="")
 BASE_DENOISE = dict(seed=42, images_per_prompt=1, steps=4, guidance=3.5, width=64, height=64, num_frames=1,
                     denoise=1.0, true_cfg=1.0, guidance_2=-1.0)
 
