@@ -26,8 +26,11 @@ class DecodeVAE:
     def decode(self, pipeline, samples):
         from ..dist_backend.tiled_decode import DecodeTiling, VaeTiling
 
-        session = pipeline.session()
-        tiling = DecodeTiling(mode=VaeTiling.AUTO)
-        images = run_cancellable(lambda: session.decode(samples["samples"], tiling=tiling,
-                                                        should_cancel=comfy_should_cancel()))
-        return (images,)
+        return (decode_on_ranks(pipeline, samples, tiling=DecodeTiling(mode=VaeTiling.AUTO)),)
+
+
+def decode_on_ranks(pipeline, samples, *, tiling):
+    """The IMAGE of a LATENT, decoded on the pipeline's ranks with `tiling` (a dist_backend DecodeTiling)."""
+    session = pipeline.session()
+    return run_cancellable(lambda: session.decode(samples["samples"], tiling=tiling,
+                                                  should_cancel=comfy_should_cancel()))

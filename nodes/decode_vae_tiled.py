@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import CATEGORY, PIPELINE, comfy_should_cancel, run_cancellable
+from .common import CATEGORY, PIPELINE
+from .decode_vae import decode_on_ranks
 
 
 class DecodeVAETiled:
@@ -32,7 +33,4 @@ class DecodeVAETiled:
         from ..dist_backend.tiled_decode import DecodeTiling, VaeTiling
 
         tiling = DecodeTiling(mode=VaeTiling.ON, tile_size=tile_size, overlap=overlap)  # refused here if invalid
-        session = pipeline.session()
-        images = run_cancellable(lambda: session.decode(samples["samples"], tiling=tiling,
-                                                        should_cancel=comfy_should_cancel()))
-        return (images,)
+        return (decode_on_ranks(pipeline, samples, tiling=tiling),)
