@@ -42,12 +42,14 @@ WIDGETS = {
     "DistDiffLoRA": ["lora_name", "strength"],
 }
 # The loader of single files takes the same parallel settings as LoadSharded (nodes/parallel_inputs.py): those
-# between its model and its model_path, and the inputs added later (strategy, gpus); not the cluster ones.
+# between its model and its model_path, the inputs added later (strategy, gpus) and the cluster ones.
 _MODEL_PATH = WIDGETS["LoadSharded"].index("model_path")
 PARALLEL = WIDGETS["LoadSharded"][1:_MODEL_PATH]
 ADDED = WIDGETS["LoadSharded"][_MODEL_PATH + 1:_MODEL_PATH + 3]
+CLUSTER = WIDGETS["LoadSharded"][_MODEL_PATH + 3:]
 WIDGETS["DistDiffLoadFiles"] = ["family", "diffusion_model", "text_encoder_1", "text_encoder_2", "vae", "weights",
-                                *PARALLEL, "tokenizers_path", "configs_path", "diffusion_model_2", *ADDED]
+                                *PARALLEL, "tokenizers_path", "configs_path", "diffusion_model_2", *ADDED,
+                                *CLUSTER]
 OUTPUTS = {"LoadSharded": [("pipeline", "DISTDIFF_PIPELINE"), ("plan", "STRING")], "EncodeOnGPUs": [("conditioning", "DISTDIFF_CONDITIONING")],
            "ParallelDenoise": [("LATENT", "LATENT")], "DecodeVAE": [("IMAGE", "IMAGE")], "SaveImage": [],
            "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "VAELoader": [("VAE", "VAE")],
@@ -172,7 +174,7 @@ def node_values(name: str, example: dict) -> dict:
     if name == "DistDiffLoadFiles":
         load = {**BASE_LOAD, **example["load"]}
         return {"family": "flux", **TINY_FILES, "weights": "default", **{k: load[k] for k in PARALLEL},
-                "tokenizers_path": "", "configs_path": "", "diffusion_model_2": "none", **{k: load[k] for k in ADDED}}
+                "tokenizers_path": "", "configs_path": "", "diffusion_model_2": "none", **{k: load[k] for k in (*ADDED, *CLUSTER)}}
     if name == "EncodeOnGPUs":
         return {"prompt": example["prompt"], "negative_prompt": example.get("negative", "")}
     if name == "ParallelDenoise":

@@ -3,7 +3,7 @@ and vae), with the same parallel settings as LoadSharded; outputs the same DISTD
 
 from __future__ import annotations
 
-from . import parallel_inputs
+from . import cluster_inputs, parallel_inputs
 from .common import (CATEGORY, PIPELINE, PLAN_OUTPUT, PipelineHandle, comfy_should_cancel, files_fingerprint,
                      run_cancellable)
 
@@ -98,6 +98,7 @@ class LoadFiles:
                     "default": NONE, "tooltip": "Wan 2.2 A14B's second diffusion model (the low-noise expert; "
                                                 "diffusion_model is the high-noise one); none otherwise."}),
                 **parallel_inputs.ADDED,
+                **cluster_inputs.OPTIONAL,  # last: saved workflows list widget values by position
             },
         }
 
@@ -109,15 +110,14 @@ class LoadFiles:
                                       full_path("vae", vae),
                                       *([full_path("text", text_encoder_2)] if text_encoder_2 != NONE else []),
                                       *([full_path("diffusion", diffusion_model_2)] if diffusion_model_2 != NONE
-                                        else [])])
+                                        else [])]) + cluster_inputs.file_fingerprint()
         except Exception:  # noqa: BLE001 - a missing file: load() raises the clear ModelError
             return float("nan")
 
     def load(self, family, diffusion_model, text_encoder_1, text_encoder_2, vae, weights, tokenizers_path="",
              configs_path="", diffusion_model_2=NONE, **settings):
-        from ..dist_backend.files import ModelFiles, read_files_config
+        from ..dist_backend.files import ModelFiles, files_configs_dir
         from ..dist_backend.planning.model_facts import read_model_facts
-        from ..dist_backend.session import get_session
 
         files = ModelFiles(
             family=family, transformer=full_path("diffusion", diffusion_model),
@@ -128,11 +128,9 @@ class LoadFiles:
             weights="fp8" if weights == "fp8" else "compute",
         )
         # The planner reads the architecture configs the files are checked against (no weight is read).
-        config, plan = parallel_inputs.planned_config(
-            settings, facts=lambda: read_model_facts(read_files_config(files)["configs_dir"]),
+        config, plan, cluster, session = parallel_inputs.loader_session(
+            settings, facts=lambda: read_model_facts(files_configs_dir(files)),
             weights="fp8" if weights == "fp8" else "bf16")
-        session = get_session(config)
-        session.status.set_plan(plan.summary())
         info = run_cancellable(lambda: session.load(files, should_cancel=comfy_should_cancel()))
         return (PipelineHandle(config=config, model_dir=info["model_dir"], family=info["family"], files=files,
-                               plan=plan), plan.text)
+                               plan=plan, cluster=cluster), plan.text)

@@ -49,16 +49,10 @@ class LoadSharded:
 
     def load(self, model, model_path="", **settings):
         from ..dist_backend.planning.model_facts import read_model_facts
-        from ..dist_backend.session import get_session
 
-        cluster = cluster_inputs.cluster_config(settings)
         model_dir = resolve_model(model, model_path)
-        per_node = () if cluster is None else tuple(n.nproc for n in cluster.spec.nodes)
-        config, plan = parallel_inputs.planned_config(settings, facts=lambda: read_model_facts(model_dir),
-                                                      per_node=per_node)
-        config = cluster_inputs.with_cluster(config, cluster)
-        session = get_session(config, cluster=cluster)
-        session.status.set_plan(plan.summary())
+        config, plan, cluster, session = parallel_inputs.loader_session(
+            settings, facts=lambda: read_model_facts(model_dir))
         info = run_cancellable(lambda: session.load(model_dir, should_cancel=comfy_should_cancel()))
         return (PipelineHandle(config=config, model_dir=model_dir, family=info["family"], plan=plan,
                                cluster=cluster), plan.text)

@@ -136,3 +136,19 @@ def planned_config(settings: dict, *, facts, weights: str = "bf16", per_node: tu
                            attention_backend=s["attention_backend"].strip(), compile=s["compile"], cache=s["cache"],
                            cache_threshold=s["cache_threshold"], gpu_ids=s["gpus"])
     return config, loader_plan
+
+
+def loader_session(settings: dict, *, facts, weights: str = "bf16"):
+    """(SessionConfig, LoaderPlan, ClusterConfig or None, Session) for a loader node: the layout planned or checked
+    (`planned_config`) over the cluster named by the node's inputs or cluster.json, and the sidecar for it (started
+    or reused), the plan on its status board."""
+    from ..dist_backend.session import get_session
+    from . import cluster_inputs
+
+    cluster = cluster_inputs.cluster_config(settings)
+    per_node = () if cluster is None else tuple(n.nproc for n in cluster.spec.nodes)
+    config, plan = planned_config(settings, facts=facts, weights=weights, per_node=per_node)
+    config = cluster_inputs.with_cluster(config, cluster)
+    session = get_session(config, cluster=cluster)
+    session.status.set_plan(plan.summary())
+    return config, plan, cluster, session
