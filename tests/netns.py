@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,3 +189,19 @@ def make_network(*, tag: int, machines: int, log_dir: Path) -> Network:
         net.close()
         raise
     return net
+
+
+@contextmanager
+def namespace_network(*, tag: int, machines: int, log_dir: Path) -> Iterator[Network]:
+    """A module fixture's network: skips the tests with the reason where namespaces cannot be made here, and
+    removes the bridge and the namespaces afterwards."""
+    import pytest
+
+    why = why_no_netns()
+    if why:
+        pytest.skip(why)
+    net = make_network(tag=tag, machines=machines, log_dir=log_dir)
+    try:
+        yield net
+    finally:
+        net.close()

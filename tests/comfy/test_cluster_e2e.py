@@ -22,7 +22,7 @@ from harness import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT))
 from dist_backend.cluster import write_token  # noqa: E402
 from tests.helpers import wait_no_ranks  # noqa: E402
-from tests.netns import cmdline, make_network, wait_until, why_no_netns  # noqa: E402
+from tests.netns import cmdline, namespace_network, wait_until  # noqa: E402
 
 # keeps_ranks: the module server keeps its last sidecar up between tests; the fixture releases it and checks.
 pytestmark = [pytest.mark.modern_host, pytest.mark.multinode, pytest.mark.keeps_ranks]
@@ -32,14 +32,8 @@ TAG = (os.getpid() + 1) % 10000  # not the tag of test_multinode's network, shou
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
-    why = why_no_netns()
-    if why:
-        pytest.skip(why)
-    net = make_network(tag=TAG, machines=1, log_dir=tmp_path_factory.mktemp("joins"))
-    try:
+    with namespace_network(tag=TAG, machines=1, log_dir=tmp_path_factory.mktemp("joins")) as net:
         yield net
-    finally:
-        net.close()
 
 
 @pytest.fixture(scope="module")

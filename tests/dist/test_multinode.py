@@ -26,7 +26,7 @@ from dist_backend.pipelines.base import ImageRequest
 from dist_backend.session import Session
 
 from tests.dist.engine_cases import format_of
-from tests.netns import Machine, cmdline, make_network, output, wait_until, why_no_netns
+from tests.netns import Machine, cmdline, namespace_network, output, wait_until
 
 pytestmark = pytest.mark.multinode
 
@@ -47,14 +47,8 @@ def listening(pids: list[int], *, namespace: str | None) -> list[str]:
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
     """Two extra "machines" on the head's bridge, for the whole module (each test starts the joins it needs)."""
-    why = why_no_netns()
-    if why:
-        pytest.skip(why)
-    net = make_network(tag=TAG, machines=2, log_dir=tmp_path_factory.mktemp("joins"))
-    try:
+    with namespace_network(tag=TAG, machines=2, log_dir=tmp_path_factory.mktemp("joins")) as net:
         yield net
-    finally:
-        net.close()
 
 
 @pytest.fixture(scope="module")
