@@ -132,7 +132,7 @@ def plan_loader(*, facts: Callable[[], object], strategy: Strategy | str, device
     request = LOAD_REQUESTS[model.family]
     gpus = None
     try:
-        gpus = devices(device=device, count=count, per_node=per_node)
+        gpus = devices(device=device, count=count, per_node=per_node, gpu_ids=gpu_ids)
         chosen = plan(model=model, gpus=gpus, request=request, hand=hand)
     except Exception as exc:  # noqa: BLE001 - the planner's refusal (DistDiffError) or a gap in its model
         return LoaderPlan(strategy=strategy, plan=None, text=f"strategy manual: the layout as set{cpu_note}.\n"
